@@ -1,0 +1,54 @@
+"""Run a function on N CPU processes joined by gloo, and bring back what rank 0 returns."""
+import os
+import socket
+import traceback
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result if rank == 0 else None))
+    except BaseException:  # report the failure instead of hanging the other ranks' test
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size, *args):
+    """fn(rank, world_size, *args) runs on every rank; returns rank 0's result, raises any rank's error.
+
+    fn must be importable (a module-level function) because the workers are spawned."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    for _ in procs:
+        rank, status, payload = queue.get(timeout=900)
+        if status == "error":
+            errors.append(f"rank {rank}:\n{payload}")
+            break
+        results[rank] = payload
+    for p in procs:
+        p.join(timeout=5 if errors else 60)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return results[0]
