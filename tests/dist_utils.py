@@ -1,8 +1,10 @@
 """Run a function on N CPU processes joined by gloo, and bring back what rank 0 returns."""
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -19,7 +21,11 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result if rank == 0 else None))
+        # As bytes: tensors sent through the queue would live in this process's shared memory,
+        # which is gone once it exits.
+        buf = io.BytesIO()
+        torch.save(result if rank == 0 else None, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report the failure instead of hanging the other ranks' test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,7 +50,7 @@ def run_distributed(fn, world_size, *args):
         if status == "error":
             errors.append(f"rank {rank}:\n{payload}")
             break
-        results[rank] = payload
+        results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     for p in procs:
         p.join(timeout=5 if errors else 60)
         if p.is_alive():

@@ -1,0 +1,177 @@
+"""Hugging Face <-> native weights: each rank reads only its TP slices; export merges them.
+
+A native parameter is the concatenation, along one dim, of per-rank chunks of one or more HF
+tensors (fused qkv = [q | k | v] chunks, fused gate_up = [gate | up] chunks). The same table
+drives import (slice) and export (gather and un-concatenate)."""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..parallel.layers import padded_vocab_size, tp_size_rank
+from .config import ArchConfig
+
+
+@dataclass(frozen=True)
+class Mapping:
+    parts: tuple          # ((hf_name, full size along dim), ...)
+    dim: object           # 0: rows split over TP, 1: columns split, None: replicated
+    padded: int = 0       # the vocabulary padded to a multiple of TP (embedding / head rows)
+
+
+def weight_map(cfg: ArchConfig, tp: int) -> dict:
+    """native parameter name -> Mapping, for the whole model."""
+    V = padded_vocab_size(cfg.vocab_size, tp)
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    m = {"embed.weight": Mapping((("model.embed_tokens.weight", cfg.vocab_size),), 0, V),
+         "norm.weight": Mapping((("model.norm.weight", cfg.hidden_size),), None)}
+    if not cfg.tie_word_embeddings:
+        m["lm_head.proj.weight"] = Mapping((("lm_head.weight", cfg.vocab_size),), 0, V)
+    for i in range(cfg.num_layers):
+        hf, n = f"model.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            m[n + f"attn.qkv.{kind}"] = Mapping(((hf + f"self_attn.q_proj.{kind}", q),
+                                                 (hf + f"self_attn.k_proj.{kind}", kv),
+                                                 (hf + f"self_attn.v_proj.{kind}", kv)), 0)
+        m[n + "attn.o.weight"] = Mapping(((hf + "self_attn.o_proj.weight", q),), 1)
+        if cfg.o_bias:
+            m[n + "attn.o.bias"] = Mapping(((hf + "self_attn.o_proj.bias", cfg.hidden_size),), None)
+        if cfg.qk_norm:
+            m[n + "attn.q_norm.weight"] = Mapping(((hf + "self_attn.q_norm.weight", cfg.head_dim),), None)
+            m[n + "attn.k_norm.weight"] = Mapping(((hf + "self_attn.k_norm.weight", cfg.head_dim),), None)
+        m[n + "mlp.gate_up.weight"] = Mapping(((hf + "mlp.gate_proj.weight", inter),
+                                               (hf + "mlp.up_proj.weight", inter)), 0)
+        m[n + "mlp.down.weight"] = Mapping(((hf + "mlp.down_proj.weight", inter),), 1)
+        if cfg.mlp_bias:
+            m[n + "mlp.gate_up.bias"] = Mapping(((hf + "mlp.gate_proj.bias", inter), (hf + "mlp.up_proj.bias", inter)), 0)
+            m[n + "mlp.down.bias"] = Mapping(((hf + "mlp.down_proj.bias", cfg.hidden_size),), None)
+        m[n + "input_norm.weight"] = Mapping(((hf + "input_layernorm.weight", cfg.hidden_size),), None)
+        m[n + "post_attn_norm.weight"] = Mapping(((hf + "post_attention_layernorm.weight", cfg.hidden_size),), None)
+    return m
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint (single file or sharded)."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").exists():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.folder, self.files, self._open = folder, files, {}
+
+    def slice(self, name: str, dim, start: int, stop: int) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{self.folder}: tensor '{name}' missing from the checkpoint")
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(self.folder / file, "pt")
+        s = self._open[file].get_slice(name)
+        if dim is None:
+            return s[:]
+        return s[start:stop] if dim == 0 else s[:, start:stop]
+
+
+def _rank_rows(mapping: Mapping, size: int, tp: int, rank: int):
+    """This rank's [start, stop) of an HF tensor with `size` rows along the split dim, and the
+    number of zero rows (vocabulary padding) that complete its shard."""
+    per = (mapping.padded or size) // tp
+    start = rank * per
+    stop = max(min(start + per, size), start)  # the last ranks' shards may be padding only
+    return start, stop, per - (stop - start)
+
+
+def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) -> None:
+    """Fill `model`'s parameters from an HF checkpoint; `names` maps native -> weight_map key
+    (identity by default; pipeline stages pass their own names)."""
+    cfg, group = model.cfg, model.tp_group
+    tp, rank = tp_size_rank(group)
+    table = weight_map(cfg, tp)
+    reader = SafetensorsReader(folder)
+    params = dict(model.named_parameters())
+    names = names or {n: n for n in params}
+    missing = set(params) - set(names)
+    if missing:
+        raise KeyError(f"no HF source for parameters {sorted(missing)[:5]}")
+    if len(names) == len(table):  # the whole model: every HF tensor must find a home
+        used = {hf_name for m in table.values() for hf_name, _ in m.parts}
+        unused = [k for k in reader.files if k not in used and not k.endswith("rotary_emb.inv_freq")]
+        if unused:
+            raise ValueError(f"{folder}: checkpoint tensors the architecture does not use: {unused[:5]}")
+    with torch.no_grad():
+        for native, key in names.items():
+            mapping = table[key]
+            chunks = []
+            for hf_name, size in mapping.parts:
+                if mapping.dim is None:
+                    chunks.append(reader.slice(hf_name, None, 0, 0))
+                    continue
+                start, stop, pad = _rank_rows(mapping, size, tp, rank)
+                t = reader.slice(hf_name, mapping.dim, start, stop)
+                if pad:
+                    t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
+                chunks.append(t)
+            value = torch.cat(chunks, dim=mapping.dim or 0)
+            param = params[native]
+            if value.shape != param.shape:
+                raise ValueError(f"{hf_name}: shape {tuple(value.shape)} does not fit {native} {tuple(param.shape)}")
+            param.copy_(value)
+
+
+def gather_hf_state(model: torch.nn.Module, names: dict = None) -> dict:
+    """Merge the TP shards of `model` into HF-named full tensors (on every TP rank)."""
+    cfg, group = model.cfg, model.tp_group
+    tp, _ = tp_size_rank(group)
+    table = weight_map(cfg, tp)
+    params = dict(model.named_parameters())
+    names = names or {n: n for n in params}
+    out = {}
+    for native, key in names.items():
+        mapping, local = table[key], params[native].detach()
+        if mapping.dim is None:
+            out[mapping.parts[0][0]] = local.clone()
+            continue
+        shards = [local] if tp == 1 else [torch.empty_like(local) for _ in range(tp)]
+        if tp > 1:
+            dist.all_gather(shards, local.contiguous(), group=group)
+        sizes = [(mapping.padded or size) // tp for _, size in mapping.parts]
+        pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
+        for j, (hf_name, size) in enumerate(mapping.parts):
+            full = torch.cat([p[j] for p in pieces], dim=mapping.dim)
+            out[hf_name] = full.narrow(mapping.dim, 0, size).clone()
+    return out
+
+
+def save_hf_folder(state: dict, cfg: ArchConfig, tokenizer, out: Path, dtype=None) -> None:
+    """Write a transformers-loadable folder (safetensors + config + tokenizer), atomically."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from .hub import replace_dir
+
+    out = Path(out)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, max_shard_size="4GB")
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k].contiguous() for k in keys}, tmp / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {}, "weight_map": split.tensor_to_filename}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = cfg.hf_config
+    hf.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)

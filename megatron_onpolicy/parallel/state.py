@@ -1,0 +1,119 @@
+"""Process groups for tensor (TP), data (DP) and pipeline (PP) parallelism.
+
+Rank layout is DeepSpeed's `PipeModelDataParallelTopology`: TP fastest, then DP, then PP, so
+that a DeepSpeed `PipelineModule` built on the same topology agrees with our groups. The module
+itself is the `mpu` that `deepspeed.initialize(mpu=...)` accepts (as in GPT-NeoX).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+_TOPOLOGY = None
+_GROUPS = {}
+
+
+class ParallelLayoutError(ValueError):
+    pass
+
+
+def init_distributed() -> None:
+    """Join the job started by the deepspeed launcher, torchrun, srun or mpirun.
+
+    deepspeed.comm reads the launcher's environment and, failing that, discovers rank and world
+    size through MPI (mpirun / srun without torchrun variables)."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_layout(world_size: int, tp: int, pp: int, num_heads: int = None,
+                 num_kv_heads: int = None) -> int:
+    """Validate a TP x PP layout before any work starts; returns the data-parallel size."""
+    if tp < 1 or pp < 1:
+        raise ParallelLayoutError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
+    if world_size % (tp * pp):
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    for name, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
+        if n is not None and n % tp:
+            raise ParallelLayoutError(
+                f"tensor-model-parallel-size {tp} does not divide the model's {n} {name}")
+    return world_size // (tp * pp)
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:
+    """Create the TP / DP / PP groups (every rank must call this, in the same order)."""
+    global _TOPOLOGY
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    world = dist.get_world_size()
+    dp = check_layout(world, tp, pp)
+    _TOPOLOGY = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    rank = dist.get_rank()
+    _GROUPS.clear()
+    for axis in ("model", "data", "pipe"):
+        for ranks in _TOPOLOGY.get_axis_comm_lists(axis):
+            group = dist.new_group(ranks)  # collective: all ranks create all groups
+            if rank in ranks:
+                _GROUPS[axis] = group
+
+
+def is_initialized() -> bool:
+    return _TOPOLOGY is not None
+
+
+def topology():
+    return _TOPOLOGY
+
+
+def _coord(axis: str) -> int:
+    return getattr(_TOPOLOGY.get_coord(dist.get_rank()), axis)
+
+
+# Tensor parallel ("model" in DeepSpeed's vocabulary).
+def get_tensor_model_parallel_group():
+    return _GROUPS["model"]
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _TOPOLOGY.get_dim("model")
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _coord("model")
+
+
+def get_data_parallel_group():
+    return _GROUPS["data"]
+
+
+def get_data_parallel_world_size() -> int:
+    return _TOPOLOGY.get_dim("data")
+
+
+def get_data_parallel_rank() -> int:
+    return _coord("data")
+
+
+def get_pipeline_model_parallel_group():
+    return _GROUPS["pipe"]
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return _TOPOLOGY.get_dim("pipe")
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return _coord("pipe")
+
+
+# The names DeepSpeed's engine calls on an mpu.
+get_model_parallel_group = get_tensor_model_parallel_group
+get_model_parallel_world_size = get_tensor_model_parallel_world_size
+get_model_parallel_rank = get_tensor_model_parallel_rank
