@@ -1,0 +1,7 @@
+"""DDT statistics (centered log-likelihood phi, its variance) and the ce / dft / idft losses,
+computed on vocab-parallel logits."""
+from .losses import LOSS_KINDS, IDFTConfig, ddt_loss, idft_lambda, token_weights
+from .stats import TokenStats, vocab_parallel_stats, vocab_shard_range
+
+__all__ = ["LOSS_KINDS", "IDFTConfig", "TokenStats", "ddt_loss", "idft_lambda", "token_weights",
+           "vocab_parallel_stats", "vocab_shard_range"]

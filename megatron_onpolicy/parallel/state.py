@@ -26,10 +26,23 @@ def init_distributed() -> None:
         return
     import deepspeed
 
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"))
+    if not launched:  # plain `python tool.py`: a job of one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_layout(world_size: int, tp: int, pp: int, num_heads: int = None,
@@ -37,13 +50,13 @@ def check_layout(world_size: int, tp: int, pp: int, num_heads: int = None,
     """Validate a TP x PP layout before any work starts; returns the data-parallel size."""
     if tp < 1 or pp < 1:
         raise ParallelLayoutError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
-    if world_size % (tp * pp):
-        raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
     for name, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
         if n is not None and n % tp:
             raise ParallelLayoutError(
                 f"tensor-model-parallel-size {tp} does not divide the model's {n} {name}")
+    if world_size % (tp * pp):
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
     return world_size // (tp * pp)
 
 
