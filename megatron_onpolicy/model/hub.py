@@ -55,10 +55,21 @@ def _gguf_to_folder(gguf: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").exists():
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from safetensors.torch import save_file
 
             tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model.save_pretrained(tmp)
+            # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained, but
+            # its weights are plain dequantized tensors: write them and a clean config ourselves.
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            tmp.mkdir(parents=True)
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
             os.rename(tmp, out)
     return out

@@ -1,0 +1,61 @@
+"""What the command-line tools share: the model / layout / data arguments, start-up, and turning
+user errors into one clear line and a non-zero exit."""
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .data import DataError
+from .model.config import ModelConfigError
+from .model.hub import ModelPathError
+from .parallel import state
+from .parallel.state import ParallelLayoutError
+
+USER_ERRORS = (DataError, ModelPathError, ModelConfigError, ParallelLayoutError, FileNotFoundError)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF checkpoint folder, .gguf file, or the alias smollm2-135m (embedded)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--bf16", action="store_true", help="run the model in bf16 (statistics stay fp32)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
+    p.add_argument("--prompt-key", default="prompt")
+    p.add_argument("--response-key", default="response")
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def start(tp: int, pp: int = 1, num_heads=None, num_kv_heads=None) -> None:
+    """Join the job and build the process groups, after checking the layout is possible."""
+    state.init_distributed()
+    state.check_layout(dist.get_world_size(), tp, pp, num_heads, num_kv_heads)
+    state.initialize_model_parallel(tp, pp)
+
+
+def first_error(message):
+    """Agree across all ranks on the first error any rank found (None if none did)."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, message)
+    return next((m for m in found if m), None)
+
+
+def run(main, prog: str) -> None:
+    """Run `main()`; a user error becomes `prog: error: ...` on stderr (once) and exit code 2."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # skip teardown: the other ranks may be blocked in a collective

@@ -1,0 +1,58 @@
+"""DDT statistics of whole rows under a (TP) model: the numbers `tools/ddt_score.py` reports.
+
+Only the response (loss-masked) tokens count. z = sum phi / sqrt(sum var) is approximately
+N(0, 1) for text the model itself would sample."""
+import math
+
+import torch
+
+from ..data import collate
+from .stats import vocab_parallel_stats
+
+PHI_THRESHOLDS = (-1, -3, -5)
+Z_BINS = (-5.0, -3.0, -1.0, 1.0, 3.0)
+
+
+@torch.no_grad()
+def score_batch(model, samples, pad_id, dump_tokens=False):
+    """One forward over `samples` (tokenized rows) -> one stats dict per sample, in order."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
+    logits = model(batch["input_ids"], batch["position_ids"])
+    stats = vocab_parallel_stats(logits, batch["targets"], model.tp_group, model.cfg.vocab_size)
+    rows = []
+    for i, sample in enumerate(samples):
+        keep = batch["loss_mask"][i] > 0
+        phi, logp, ent, var = (t[i][keep].double().cpu() for t in (stats.phi, stats.logp, stats.entropy, stats.var))
+        n = int(keep.sum())
+        row = {"index": sample.index, "num_tokens": n,
+               "avg_phi": float(phi.mean()), "sum_phi": float(phi.sum()),
+               "z": float(phi.sum() / math.sqrt(max(float(var.sum()), 1e-12))),
+               "avg_logp": float(logp.mean()), "avg_entropy": float(ent.mean())}
+        for t in PHI_THRESHOLDS:
+            row[f"frac_phi_gt_{t}"] = float((phi > t).double().mean())
+        if dump_tokens:
+            row.update(prompt_ids=sample.input_ids[:sample.prompt_len],
+                       response_ids=sample.input_ids[sample.prompt_len:],
+                       phi=phi.tolist(), logp=logp.tolist(), entropy=ent.tolist())
+        rows.append(row)
+    return rows
+
+
+def length_sorted_batches(samples, batch_size):
+    """Micro-batches of similar lengths (less padding); results are per row, so order is free."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    return [[samples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
+def summarize(rows):
+    """Dataset-level summary: means over rows, token-weighted mean phi, z histogram."""
+    n = len(rows)
+    tokens = sum(r["num_tokens"] for r in rows)
+    mean = lambda key: sum(r[key] for r in rows) / n
+    edges = (-math.inf,) + Z_BINS + (math.inf,)
+    hist = {f"[{lo}, {hi})": sum(lo <= r["z"] < hi for r in rows) for lo, hi in zip(edges, edges[1:])}
+    return {"rows": n, "tokens": tokens,
+            "mean_avg_phi": mean("avg_phi"), "token_mean_phi": sum(r["sum_phi"] for r in rows) / tokens,
+            "mean_z": mean("z"), "mean_avg_logp": mean("avg_logp"), "mean_avg_entropy": mean("avg_entropy"),
+            "share_z_lt_-3": sum(r["z"] < -3 for r in rows) / n, "z_histogram": hist}

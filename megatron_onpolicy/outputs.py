@@ -1,0 +1,70 @@
+"""Row outputs that survive crashes: per-shard files appended and flushed row by row, merged in
+input order into the final file under a temporary name, then renamed."""
+import json
+import os
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Appends one JSON line per finished row. On open, a torn last line (a kill mid-write) is cut
+    off, and the indices already present are known, so a restarted run can skip them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done = set()
+        good = 0
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        self.done.add(json.loads(line)["index"])
+                    except (ValueError, KeyError):
+                        break
+                    good += len(line)
+            os.truncate(self.path, good)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        self.done.add(row["index"])
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
+
+
+def merge_shards(parts, out: Path, expected: int) -> list:
+    """Merge shard files into `out` in input order; returns the rows. Each index must appear
+    exactly once (a restart may have appended a row twice only if it was torn; keep the first)."""
+    rows = {}
+    for part in parts:
+        with open(part, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                rows.setdefault(row["index"], row)
+    missing = sorted(set(range(expected)) - set(rows))
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows missing from the shard files (first: {missing[:5]})")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    ordered = [rows[i] for i in range(expected)]
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in ordered:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    for part in parts:
+        os.remove(part)
+    return ordered

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""DDT statistics of a dataset under a model, sharded over data-parallel groups.
+
+    deepspeed --num_gpus N tools/ddt_score.py --model MODEL --data FILE \
+        --tensor-model-parallel-size T --out OUT.jsonl [--dump-tokens] [--micro-batch-size B]
+
+Writes OUT.jsonl (one line per input row, input order) and OUT.summary.json."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
+from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
+from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
+from megatron_onpolicy.outputs import ShardWriter, merge_shards, shard_path, write_json_atomic  # noqa: E402
+from megatron_onpolicy.parallel import state  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--dump-tokens", action="store_true", help="also write token ids and per-token phi/logp/entropy")
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    folder, arch = load_arch(args.model)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    writes = state.get_tensor_model_parallel_rank() == 0  # one writer per data-parallel group
+
+    tokenizer = load_tokenizer(folder)
+    rows = read_rows(args.data)
+    mine, error = [], None
+    try:
+        for i in shard_indices(len(rows), dp_rank, dp):
+            mine.append(tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key))
+    except DataError as e:
+        error = str(e)
+    error = cli.first_error(error)
+    if error:
+        raise DataError(error)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
+    model.eval()
+    part = shard_path(out, dp_rank, dp)
+    writer = ShardWriter(part) if writes else None
+    batches = length_sorted_batches(mine, args.micro_batch_size)
+    bar = tqdm(total=len(rows), desc="ddt_score", unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
+    for batch in batches:
+        for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens):
+            if writer:
+                writer.write(row)
+        bar.update(len(batch) * dp)  # every group advances about alike; rank 0 sees its own
+    bar.close()
+    if writer:
+        writer.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        merged = merge_shards([shard_path(out, r, dp) for r in range(dp)], out, len(rows))
+        summary = summarize(merged)
+        summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+        write_json_atomic(summary_path, summary)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {out} and {summary_path}")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    cli.run(main, "ddt_score")
