@@ -167,9 +167,11 @@ class TransformerLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = LMHead(cfg, tp_group, self.embed if cfg.tie_word_embeddings else None, dtype)
 
-    def forward(self, input_ids, position_ids=None, segment_ids=None, masks=None, caches=None):
+    def forward(self, input_ids, position_ids=None, segment_ids=None, masks=None, caches=None,
+                last_only=False):
         """masks: per-layer attention masks (e.g. from generation); otherwise built here from
-        position ids (sliding windows) and segment ids (packed samples), or plain causal."""
+        position ids (sliding windows) and segment ids (packed samples), or plain causal.
+        last_only: logits of the last position only (generation: no [B, L, V] logits at prefill)."""
         B, L = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -179,6 +181,8 @@ class TransformerLM(nn.Module):
             masks = layer_masks(self.cfg, position_ids, segment_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[i], None if caches is None else caches[i])
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 

@@ -1,0 +1,120 @@
+"""Batched, KV-cached generation on the tensor-parallel model.
+
+Prompts of different lengths share one batch, left-padded: each row keeps its own position ids
+(0 at its first real token) and pad keys are masked out, so a row generates exactly what it would
+alone. One prefill forward over the prompts, then one forward per new token."""
+from dataclasses import dataclass
+
+import torch
+
+from ..model.llama import attention_mask
+from ..parallel.mappings import gather_from_tp
+from .cache import make_caches
+from .sampling import sample, seeded_generator
+from .stopping import end_reason
+
+END_REASONS = ("eos", "max-length", "repeating", "stop-string")
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0   # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0: off
+    max_new_tokens: int = 256
+    eos_ids: tuple = ()        # a row stops after emitting any of these (kept in its tokens)
+    repeat_window: int = 30    # repetition guard: stop when the last window * count tokens loop
+    repeat_count: int = 5
+    seed: int = 0              # the same on every TP rank, so every rank samples the same tokens
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"bad sampling parameters: temperature {self.temperature} (>= 0), top_p "
+                             f"{self.top_p} (in (0, 1]), top_k {self.top_k} (>= 0), max_new_tokens "
+                             f"{self.max_new_tokens} (>= 1)")
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens, the stop token included
+    end_reason: str    # one of END_REASONS
+
+
+class DecodeState:
+    """A batch of left-padded prompts in the model's KV caches; `prefill` then `step` each return
+    the next-token logits [B, V] (full true vocabulary, fp32, identical on every TP rank)."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generation needs at least one prompt and no empty prompt")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.prompts = prompts
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        max_len = width + max_new_tokens
+        self.caches = make_caches(model, batch, max_len)
+        # Position and validity of every cached key, per row (pads: position 0, invalid).
+        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self.next_pos = torch.tensor([len(p) for p in prompts], device=self.device)
+
+    def prefill(self):
+        width = max(len(p) for p in self.prompts)
+        ids = torch.zeros(len(self.prompts), width, dtype=torch.long, device=self.device)
+        pos = torch.zeros_like(ids)
+        for i, p in enumerate(self.prompts):
+            pad = width - len(p)
+            ids[i, pad:] = torch.tensor(p, device=self.device)
+            pos[i, pad:] = torch.arange(len(p), device=self.device)
+            self.key_valid[i, pad:width] = True
+        # A pad query sits at position 0 and so sees its row's first real key: no query row is
+        # fully masked, which would give NaN that later leaks through pad values (0 * NaN).
+        return self._forward(ids, pos)
+
+    def step(self, tokens):
+        """Feed one token per row ([B]); rows that already stopped may be fed anything."""
+        end = self.caches[0].length
+        self.key_valid[:, end] = True
+        pos = self.next_pos[:, None]
+        self.next_pos = self.next_pos + 1
+        return self._forward(tokens[:, None], pos)
+
+    def _forward(self, ids, pos):
+        start = self.caches[0].length
+        end = start + ids.shape[1]
+        self.key_pos[:, start:end] = pos
+        k_pos, k_valid = self.key_pos[:, :end], self.key_valid[:, :end]
+        windows = self.model.cfg.windows
+        by_window = {w: attention_mask(pos, k_pos, w, k_valid=k_valid) for w in set(windows)}
+        return last_position_logits(self.model, ids, pos, [by_window[w] for w in windows], self.caches)
+
+
+def last_position_logits(model, ids, pos, masks, caches):
+    """Full-vocab fp32 logits [B, V] of the last position: only that position's shard is gathered
+    over TP, and padded vocabulary columns are dropped."""
+    shard = model(ids, pos, masks=masks, caches=caches, last_only=True)[:, -1]
+    return gather_from_tp(shard, model.tp_group)[:, :model.cfg.vocab_size].float()
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], params: SamplingParams, generator=None,
+             tokenizer=None, stop_strings=()) -> list[Generation]:
+    """Continue every prompt (token ids) until EOS, a repetition loop, a stop string (needs
+    `tokenizer`), or max_new_tokens. Collective calls inside the model: call on every TP rank."""
+    state = DecodeState(model, prompts, params.max_new_tokens)
+    if generator is None:
+        generator = seeded_generator(params.seed, state.device)
+    outputs = [[] for _ in prompts]
+    reasons = [None] * len(prompts)
+    logits = state.prefill()
+    for step in range(params.max_new_tokens):
+        tokens = sample(logits, params.temperature, params.top_p, params.top_k, generator)
+        for i, t in enumerate(tokens.tolist()):
+            if reasons[i] is None:
+                outputs[i].append(t)
+                reasons[i] = end_reason(outputs[i], params.eos_ids, params.repeat_window,
+                                        params.repeat_count, tokenizer, stop_strings)
+        if all(reasons) or step == params.max_new_tokens - 1:
+            break
+        logits = state.step(tokens)
+    return [Generation(out, r or "max-length") for out, r in zip(outputs, reasons)]

@@ -1,0 +1,267 @@
+"""Generation and hinted decoding on the TP model: KV-cached greedy against a full recompute and
+against transformers, TP=2 against TP=1, hinted decoding's limiting cases, stopping, templates,
+and a smoke run of the real smollm2-135m."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+
+from megatron_onpolicy.generate import (END_REASONS, HintConfig, SamplingParams, TemplateError, generate,
+                                        hinted_generate, is_repeating, lam_schedule, load_template, sample)
+from megatron_onpolicy.generate.hinted import write_analysis
+from megatron_onpolicy.generate.templates import render
+from megatron_onpolicy.model.loader import load_model
+from megatron_onpolicy.parallel.mappings import gather_from_tp
+from tests.dist_utils import run_distributed
+from tests.test_model import VOCAB, tiny_config
+
+MAX_NEW = 12
+
+
+class IdTokenizer:
+    """Decodes token t as "<t>", so a splitter or marker can name one token of a tiny model."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f"<{i}>" for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [int(t) for t in re.findall(r"<(\d+)>", text)]
+
+
+def save_tiny(kind, folder, init_range):
+    """A tiny random HF model; a large init range makes greedy output varied instead of one token
+    repeated (with the default 0.02 it loops at once, which the repetition test wants)."""
+    cfg = tiny_config(kind)
+    cfg.initializer_range = init_range
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    return {kind: (root / kind, save_tiny(kind, root / kind, 0.3)) for kind in ("llama-tied", "mistral-window")}
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def no_cache_greedy(model, prompt, max_new, eos):
+    """Reference: the full sequence through the plain forward at every step, no cache, no padding."""
+    ids = list(prompt)
+    for _ in range(max_new):
+        with torch.no_grad():
+            logits = gather_from_tp(model(torch.tensor([ids])), model.tp_group)[0, -1, :model.cfg.vocab_size]
+        ids.append(int(logits.argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
+def test_greedy_matches_recompute_and_transformers(tiny, kind):
+    folder, hf = tiny[kind]
+    model, _ = load_model(str(folder))
+    eos = hf.generation_config.eos_token_id
+    prompts = prompts_of([2, 40, 7])  # very different lengths in one left-padded batch
+    params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW, eos_ids=(eos,))
+    batched = generate(model, prompts, params)
+    for prompt, got in zip(prompts, batched):
+        alone = generate(model, [prompt], params)[0]
+        ref = no_cache_greedy(model, prompt, MAX_NEW, eos)
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=eos)[0, len(prompt):].tolist()
+        assert got.tokens == alone.tokens == ref == theirs
+        assert got.end_reason == ("eos" if ref[-1] == eos else "max-length")
+
+
+HINTED_PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=MAX_NEW, seed=5)
+
+
+def hinted_prompts():
+    # Hinted prompts are longer (they carry the reference); the plain ones are the question alone.
+    return prompts_of([18, 25], seed=1), prompts_of([5, 9], seed=2)
+
+
+def _tp_worker(rank, world, folder):
+    model, _ = load_model(str(folder), dist.group.WORLD if world > 1 else None)
+    prompts = prompts_of([3, 30, 9])
+    hinted, plain = hinted_prompts()
+    out = {
+        "greedy": [g.tokens for g in generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))],
+        "sampled": [g.tokens for g in generate(model, prompts, SamplingParams(
+            temperature=0.9, top_p=0.9, top_k=20, max_new_tokens=MAX_NEW, seed=7))],
+        "hinted": [(r.tokens, r.lams) for r in hinted_generate(
+            model, IdTokenizer(), hinted, plain, HINTED_PARAMS, HintConfig(schedule="sigmoid", beta=10, center=0.6))],
+    }
+    if world > 1:  # every rank must have chosen the same tokens
+        every = [None] * world
+        dist.all_gather_object(every, out)
+        assert all(o == out for o in every), "TP ranks disagree"
+    return out
+
+
+def test_tp2_equals_tp1(tiny):
+    folder, _ = tiny["llama-tied"]  # vocab 101: rank 1 holds a padded column that must be dropped
+    one = _tp_worker(0, 1, folder)
+    two = run_distributed(_tp_worker, 2, folder)
+    assert two["greedy"] == one["greedy"]
+    assert two["sampled"] == one["sampled"]
+    assert [t for t, _ in two["hinted"]] == [t for t, _ in one["hinted"]]
+    for (_, lams2), (_, lams1) in zip(two["hinted"], one["hinted"]):
+        assert lams2 == pytest.approx(lams1, abs=1e-5)
+    lams = [x for _, l in one["hinted"] for x in l[1:]]
+    assert 0.1 < sum(lams) / len(lams) < 0.9  # both streams really took part
+
+
+@pytest.fixture(scope="module")
+def llama(tiny):
+    return load_model(str(tiny["llama-tied"][0]))[0]
+
+
+def test_hinted_beta_zero_is_hinted_stream_alone(llama):
+    hinted, plain = hinted_prompts()
+    results = hinted_generate(llama, IdTokenizer(), hinted, plain, HINTED_PARAMS,
+                              HintConfig(schedule="linear", beta=0.0, splitter=None))
+    alone = generate(llama, hinted, HINTED_PARAMS)
+    assert [r.tokens for r in results] == [g.tokens for g in alone]
+    assert all(r.lams == [0.0] * MAX_NEW and r.mean_lam == 0.0 for r in results)
+    assert all(r.end_reason == "max-length" and r.n_tokens == MAX_NEW for r in results)
+
+
+def test_hinted_lam_one_is_plain_stream_after_first_token(llama):
+    hinted, plain = hinted_prompts()
+    results = hinted_generate(llama, IdTokenizer(), hinted, plain, HINTED_PARAMS,
+                              HintConfig(schedule="piecewise", h1=-1.0, h2=-0.5, splitter=None))
+    # The reference continues each plain prompt after the hinted stream's first token, with the
+    # generator where hinted decoding left it after its first step (one [N, V] draw).
+    generator = torch.Generator().manual_seed(HINTED_PARAMS.seed)
+    sample(torch.zeros(len(hinted), VOCAB), HINTED_PARAMS.temperature, generator=generator)
+    rest = SamplingParams(**{**vars(HINTED_PARAMS), "max_new_tokens": MAX_NEW - 1})
+    ref = generate(llama, [p + r.tokens[:1] for p, r in zip(plain, results)], rest, generator=generator)
+    assert [r.tokens[1:] for r in results] == [g.tokens for g in ref]
+    assert all(r.lams == [0.0] + [1.0] * (MAX_NEW - 1) for r in results)
+    # ... and the first token is the hinted stream's own.
+    first = generate(llama, hinted, SamplingParams(**{**vars(HINTED_PARAMS), "max_new_tokens": 1}))
+    assert [r.tokens[:1] for r in results] == [g.tokens for g in first]
+
+
+def test_hinted_splitter_switches_to_plain_stream_next_step(llama):
+    hinted, plain = hinted_prompts()
+    free = hinted_generate(llama, IdTokenizer(), hinted, plain, HINTED_PARAMS, HintConfig(beta=0.0, splitter=None))
+    token = free[0].tokens[3]
+    results = hinted_generate(llama, IdTokenizer(), hinted, plain, HINTED_PARAMS,
+                              HintConfig(beta=0.0, splitter=f"<{token}>"))
+    switched = 0
+    for before, r in zip(free, results):
+        # The step that writes the splitter still mixes (lam 0 here); every later step is plain.
+        k = before.tokens.index(token) + 1 if token in before.tokens else MAX_NEW
+        assert r.tokens[:k] == before.tokens[:k]
+        assert r.lams == [0.0] * k + [1.0] * (MAX_NEW - k)
+        switched += k < MAX_NEW
+    assert switched  # at least example 0 switched within the run
+
+
+def test_lam_schedules():
+    h = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0])
+    assert lam_schedule(h, HintConfig(schedule="linear", beta=3.0)).tolist() == pytest.approx([0, 0.3, 0.9, 1, 1])
+    assert lam_schedule(h, HintConfig(schedule="sigmoid", beta=10.0, center=0.3)).tolist() == pytest.approx(
+        torch.sigmoid(10 * (h - 0.3)).tolist())
+    assert lam_schedule(h, HintConfig(schedule="piecewise", h1=0.1, h2=0.5)).tolist() == pytest.approx(
+        [0, 0, 0.5, 1, 1])
+    with pytest.raises(ValueError, match="unknown"):
+        HintConfig(schedule="cosine")
+
+
+def test_analysis_stage_stops_at_marker(llama):
+    hinted, _ = hinted_prompts()
+    greedy = generate(llama, hinted, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
+    marker = greedy[0].tokens[4]
+    prefixes = write_analysis(llama, IdTokenizer(), hinted, SamplingParams(),
+                              HintConfig(analysis_marker=f"<{marker}>", analysis_max_tokens=MAX_NEW))
+    for g, prefix in zip(greedy, prefixes):
+        if marker in g.tokens:  # cut right after the marker
+            assert prefix == g.tokens[:g.tokens.index(marker) + 1]
+        else:  # the marker is appended when the analysis never writes it
+            assert prefix == g.tokens + [marker]
+
+
+def test_repetition_guard(tmp_path):
+    assert is_repeating(list(range(30)) * 5)
+    assert is_repeating([9] + [1, 2, 3, 4, 5, 6, 7] * 22)  # a 7-token loop over the last 150 tokens
+    assert not is_repeating(list(range(30)) * 5 + [99])
+    assert not is_repeating([0] * 149)
+    assert not is_repeating(list(range(150)))
+    assert is_repeating([5, 1, 2, 1, 2, 1, 2], window=2, count=3)
+    # A tiny model with the default init loops under greedy decoding within a few tokens.
+    save_tiny("qwen2", tmp_path / "m", 0.02)
+    model, _ = load_model(str(tmp_path / "m"))
+    prompt = prompts_of([8], seed=3)
+    free = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=40, repeat_window=0))[0]
+    expected = next(n for n in range(1, 41) if is_repeating(free.tokens[:n], 4, 3))
+    guarded = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=40,
+                                                     repeat_window=4, repeat_count=3))[0]
+    assert guarded.end_reason == "repeating"
+    assert guarded.tokens == free.tokens[:expected]
+
+
+def test_sampling_limits():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample(logits, 0.0), greedy)
+    assert torch.equal(sample(logits, 1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(sample(logits, 1.0, top_p=1e-6, generator=g), greedy)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(20):
+        picked = sample(logits, 2.0, top_k=3, generator=g)
+        assert (top3 == picked[:, None]).any(-1).all()
+
+
+def test_templates(tmp_path):
+    for name in ("hint", "analysis"):
+        text = load_template(None, name)
+        assert "{question}" in text and "{answer}" in text
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Question: {question}\nSolve it.\n")
+    with pytest.raises(TemplateError, match=r"bad\.txt.*\{answer\}"):
+        load_template(bad, "hint")
+    with pytest.raises(TemplateError, match="does not exist"):
+        load_template(tmp_path / "missing.txt", "hint")
+    out = render("Q: {question}\nA: {answer}\nEnd with \\boxed{}.", "what is {answer}?", "42")
+    assert out == "Q: what is {answer}?\nA: 42\nEnd with \\boxed{}."
+
+
+def test_smollm2_smoke():
+    from megatron_onpolicy.generate import hinted_decode, stop_token_ids
+    from megatron_onpolicy.generate.templates import plain_prompt_ids
+    from megatron_onpolicy.model.loader import load_tokenizer
+
+    data = Path(__file__).resolve().parents[1] / "data" / "math_sft.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:2]] if data.exists() else [
+        {"prompt": "What is 12 + 30?", "response": "12 + 30 = 42. \\boxed{42}"},
+        {"prompt": "What is 7 times 6?", "response": "7 x 6 = 42. \\boxed{42}"}]
+    model, folder = load_model("smollm2-135m")
+    tokenizer = load_tokenizer(folder)
+    eos = stop_token_ids(tokenizer, folder)
+    assert eos
+    params = SamplingParams(temperature=0.0, max_new_tokens=48, eos_ids=eos)
+    outs = generate(model, [plain_prompt_ids(tokenizer, r["prompt"]) for r in rows], params)
+    for g in outs:
+        assert g.end_reason in END_REASONS and 0 < len(g.tokens) <= 48
+        assert tokenizer.decode(g.tokens, skip_special_tokens=True).strip()
+    hinted = hinted_decode(model, tokenizer, [rows[0]["prompt"]], [rows[0]["response"]],
+                           SamplingParams(temperature=0.3, top_p=0.95, max_new_tokens=24, eos_ids=eos),
+                           HintConfig(analysis=True, analysis_max_tokens=16))[0]
+    assert hinted.end_reason in ("eos", "max-length", "repeating") and hinted.n_tokens == len(hinted.tokens)
+    assert hinted.text.strip() and 0.0 <= hinted.mean_lam <= 1.0 and hinted.lams[0] == 0.0
+    assert "# CoT" in hinted.analysis
