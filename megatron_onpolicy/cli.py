@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 
 from .data import DataError
+from .generate.templates import TemplateError
 from .model.config import ModelConfigError
 from .model.hub import ModelPathError
 from .parallel import state
 from .parallel.state import ParallelLayoutError
 
-USER_ERRORS = (DataError, ModelPathError, ModelConfigError, ParallelLayoutError, FileNotFoundError)
+USER_ERRORS = (DataError, ModelPathError, ModelConfigError, ParallelLayoutError, TemplateError, FileNotFoundError)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

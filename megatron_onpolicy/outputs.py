@@ -46,9 +46,8 @@ def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
     return out.with_name(f"{out.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
 
 
-def merge_shards(parts, out: Path, expected: int) -> list:
-    """Merge shard files into `out` in input order; returns the rows. Each index must appear
-    exactly once (a restart may have appended a row twice only if it was torn; keep the first)."""
+def collect_shards(parts, expected: int) -> list:
+    """The rows of all shard files, in input order; each index 0..expected-1 exactly once."""
     rows = {}
     for part in parts:
         with open(part, encoding="utf-8") as f:
@@ -58,13 +57,19 @@ def merge_shards(parts, out: Path, expected: int) -> list:
     missing = sorted(set(range(expected)) - set(rows))
     if missing:
         raise RuntimeError(f"{len(missing)} rows missing from the shard files (first: {missing[:5]})")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    ordered = [rows[i] for i in range(expected)]
+    return [rows[i] for i in range(expected)]
+
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in ordered:
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    os.replace(tmp, path)
+
+
+def remove_shards(parts) -> None:
+    """Only once the merged file is in place: until then the shards are the only copy."""
     for part in parts:
         os.remove(part)
-    return ordered

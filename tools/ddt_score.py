@@ -21,7 +21,8 @@ from megatron_onpolicy import cli  # noqa: E402
 from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import ShardWriter, merge_shards, shard_path, write_json_atomic  # noqa: E402
+from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
+                                       write_json_atomic, write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -73,7 +74,10 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards([shard_path(out, r, dp) for r in range(dp)], out, len(rows))
+        parts = [shard_path(out, r, dp) for r in range(dp)]
+        merged = collect_shards(parts, len(rows))
+        write_jsonl_atomic(out, merged)
+        remove_shards(parts)
         summary = summarize(merged)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)

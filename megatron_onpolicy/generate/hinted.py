@@ -25,9 +25,9 @@ SCHEDULES = ("linear", "sigmoid", "piecewise")
 class HintConfig:
     schedule: str = "linear"    # lam = f(h), h = H_hint / log V: one of SCHEDULES
     beta: float = 3.0           # linear: clamp(beta * h, 0, 1); sigmoid: sigmoid(beta * (h - center))
-    center: float = 0.15        # sigmoid midpoint
-    h1: float = 0.05            # piecewise: lam = 0 below h1, 1 above h2, linear between
-    h2: float = 0.35
+    center: float = 0.5         # sigmoid midpoint
+    h1: float = 0.3             # piecewise: lam = 0 below h1, 1 above h2, linear between
+    h2: float = 0.7
     splitter: str | None = "\\boxed{"  # once written, the plain stream alone decides (None: never)
     analysis: bool = False      # first stage: the hinted stream analyses the reference (greedy)
     analysis_marker: str = "# CoT"  # ... up to this marker, which then starts its response

@@ -1,0 +1,125 @@
+"""tools/realign_distributed.py: sharded hinted decoding that survives a killed rank."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import transformers
+
+from megatron_onpolicy.generate.answers import answers_match, final_answer
+from megatron_onpolicy.model.hub import resolve_model_path
+from megatron_onpolicy.outputs import ShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = str(ROOT / "tools" / "realign_distributed.py")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      eos_token_id=tok.eos_token_id, max_position_embeddings=1024)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def data_file(tmp_path, n):
+    rows = [json.loads(line) for line in open(ROOT / "data" / "math_sft.jsonl")][:n]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def complete_lines(folder):
+    n = 0
+    for part in Path(folder).glob("*.part-*"):
+        for line in part.read_bytes().splitlines(keepends=True):
+            try:
+                json.loads(line)
+                n += line.endswith(b"\n")
+            except ValueError:
+                pass
+    return n
+
+
+def test_killed_rank_restart_loses_and_repeats_nothing(tiny_model, tmp_path):
+    data, rows = data_file(tmp_path, 48)
+    out = tmp_path / "out"
+    cmd = [DEEPSPEED, "--num_gpus", "2", TOOL, "--model", str(tiny_model), "--data", str(data), "--out-dir", str(out),
+           "--max-new-tokens", "64", "--batch-size", "1", "--temperature", "0.3"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while complete_lines(out / "shards") < 2:
+        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
+             if TOOL in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    ranks[0].send_signal(signal.SIGKILL)
+    first.communicate(timeout=120)
+    assert first.returncode != 0
+    assert not (out / "realigned.jsonl").exists()
+    done_before = complete_lines(out / "shards")
+    assert 2 <= done_before < len(rows)
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming: {done_before} rows already done" in second.stdout
+    final = [json.loads(line) for line in open(out / "realigned.jsonl")]
+    assert [r["prompt"] for r in final] == [r["prompt"] for r in rows]  # every row once, input order
+    for got, row in zip(final, rows):
+        assert {k: got[k] for k in row} == row
+        assert got["end_reason"] in ("eos", "max-length", "repeating")
+        assert 0 <= got["mean_lam"] <= 1 and 0 < got["num_tokens"] <= 64
+        assert isinstance(got["answer_match"], bool)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == len(rows) and sum(summary["end_reasons"].values()) == len(rows)
+    assert not list((out / "shards").glob("*.part-*"))
+
+
+def test_filtered_output_and_template_errors(tiny_model, tmp_path):
+    data, rows = data_file(tmp_path, 3)
+    bad_template = tmp_path / "bad.txt"
+    bad_template.write_text("Only {question} here.")
+    base = [sys.executable, TOOL, "--model", str(tiny_model), "--data", str(data), "--max-new-tokens", "8"]
+    ok = subprocess.run(base + ["--out-dir", str(tmp_path / "ok"), "--min-avg-phi=-1e9", "--require-answer-match"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    merged = [json.loads(line) for line in open(tmp_path / "ok" / "realigned.jsonl")]
+    kept = [json.loads(line) for line in open(tmp_path / "ok" / "realigned.filtered.jsonl")]
+    assert kept == [r for r in merged if r["answer_match"] and r["avg_phi_realigned"] is not None]
+    bad = subprocess.run(base + ["--out-dir", str(tmp_path / "bad"), "--hint-template", str(bad_template)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "realign_distributed: error:" in bad.stderr and "{answer}" in bad.stderr and "bad.txt" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_shard_writer_cuts_a_torn_line(tmp_path):
+    part = tmp_path / "x.part"
+    part.write_text('{"index": 0, "row": {}}\n{"index": 1, "ro')
+    writer = ShardWriter(part)
+    assert writer.done == {0}
+    writer.write({"index": 1, "row": {}})
+    writer.close()
+    assert [json.loads(line)["index"] for line in open(part)] == [0, 1]
+
+
+def test_final_answer_extraction():
+    assert final_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert final_answer("first 3, then 1,250 apples") == "1,250"
+    assert answers_match("The answer is \\boxed{1,250.}", "1250")
+    assert answers_match("We get 12.0 in the end.", "12")
+    assert not answers_match("The answer is \\boxed{13}", "12")
+    assert not answers_match("no answer \\boxed{12", "12") or final_answer("no answer \\boxed{12") == "12"

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Hinted-decoding realignment of a dataset: the model rewrites each reference answer itself.
+
+    deepspeed --num_gpus N tools/realign_distributed.py --model MODEL --data FILE --out-dir DIR \
+        --tensor-model-parallel-size T [--beta 3] [--lambda-mode linear|sigmoid|piecewise] ...
+
+Rows are sharded over the N / T data-parallel groups; each group appends finished rows to its own
+shard file (flushed per row), so a restarted run skips the rows already done. At the end rank 0
+merges DIR/realigned.jsonl in input order and writes DIR/summary.json."""
+import argparse
+import hashlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
+from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
+from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
+                                        stop_token_ids)
+from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
+from megatron_onpolicy.generate.sampling import seeded_generator  # noqa: E402
+from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
+from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
+                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.parallel import state  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--answer-key", default="answer", help="field with the final answer, for answer_match")
+    p.add_argument("--beta", type=float, default=3.0)
+    p.add_argument("--lambda-mode", choices=["linear", "sigmoid", "piecewise"], default="linear")
+    p.add_argument("--sigmoid-center", type=float, default=0.5)
+    p.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"))
+    p.add_argument("--splitter", default="\\boxed{", help="after this text the plain stream alone decides ('' = never)")
+    p.add_argument("--temperature", type=float, default=0.3, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch (each is two rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hint-template", help="file with {question} and {answer}; replaces the default hint prompt")
+    p.add_argument("--analysis-template", help="file with {question} and {answer}; turns the analysis stage on")
+    p.add_argument("--min-avg-phi", type=float, help="also write realigned.filtered.jsonl: rows at or above this avg phi")
+    p.add_argument("--require-answer-match", action="store_true",
+                   help="also write realigned.filtered.jsonl: rows whose realigned answer matches")
+    args = p.parse_args(argv)
+    if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
+        p.error("--piecewise-bounds H1 H2 needs H1 < H2")
+    return args
+
+
+def batch_generator(seed: int, indices, device):
+    """A generator seeded by the run's seed and the batch's rows: a restarted run, or another
+    data-parallel layout with the same batches, draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
+    return seeded_generator(int.from_bytes(digest[:7], "little"), device)
+
+
+def keep(row, args) -> bool:
+    if args.min_avg_phi is not None and (row["avg_phi_realigned"] is None or row["avg_phi_realigned"] < args.min_avg_phi):
+        return False
+    return not args.require_answer_match or row.get("answer_match") is True
+
+
+def summarize(rows, args):
+    mean = lambda values: sum(values) / len(values) if values else None
+    done = [r for r in rows if r["avg_phi_realigned"] is not None]
+    matches = [r["answer_match"] for r in rows if "answer_match" in r]
+    return {"rows": len(rows),
+            "end_reasons": dict(Counter(r["end_reason"] for r in rows)),
+            "mean_num_tokens": mean([r["num_tokens"] for r in rows]),
+            "mean_lam": mean([r["mean_lam"] for r in rows]),
+            "mean_avg_phi_original": mean([r["avg_phi_original"] for r in rows]),
+            "mean_avg_phi_realigned": mean([r["avg_phi_realigned"] for r in done]),
+            "answer_match_rate": mean([float(m) for m in matches]),
+            "filtered_rows": sum(keep(r, args) for r in rows)
+            if args.min_avg_phi is not None or args.require_answer_match else None}
+
+
+def main():
+    args = parse_args()
+    hint_template = load_template(args.hint_template, "hint")
+    analysis_template = load_template(args.analysis_template, "analysis") if args.analysis_template else None
+    hint = HintConfig(schedule=args.lambda_mode, beta=args.beta, center=args.sigmoid_center,
+                      h1=args.piecewise_bounds[0], h2=args.piecewise_bounds[1],
+                      splitter=args.splitter or None, analysis=analysis_template is not None)
+    folder, arch = load_arch(args.model)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
+
+    tokenizer = load_tokenizer(folder)
+    rows = read_rows(args.data)
+    originals, error = {}, None
+    try:  # the original answers, tokenized as training would: validates every row before any work
+        for i in shard_indices(len(rows), dp_rank, dp):
+            originals[i] = tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key)
+    except DataError as e:
+        error = str(e)
+    error = cli.first_error(error)
+    if error:
+        raise DataError(error)
+
+    out_dir = Path(args.out_dir)
+    final = out_dir / "realigned.jsonl"
+    part = shard_path(out_dir / "shards" / final.name, dp_rank, dp)
+    writer = ShardWriter(part) if tp_rank == 0 else None  # opening it cuts a torn last line
+    done = [writer.done if writer else None]
+    dist.broadcast_object_list(done, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+    todo = [i for i in originals if i not in done[0]]
+    resumed = torch.tensor([len(originals) - len(todo)])
+    dist.all_reduce(resumed)  # counted once per TP rank
+    if dist.get_rank() == 0 and resumed.item():
+        print(f"resuming: {resumed.item() // args.tensor_model_parallel_size} rows already done", flush=True)
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, _ = load_model(args.model, tp_group, dtype, cli.device())
+    model.eval()
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
+    pad = tokenizer.pad_token_id or 0
+    bar = tqdm(total=len(rows), initial=resumed.item() // args.tensor_model_parallel_size, desc="realign",
+               unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
+    for k in range(0, len(todo), args.batch_size):
+        batch = todo[k:k + args.batch_size]
+        data = [rows[i].data for i in batch]
+        results = hinted_decode(model, tokenizer, [d[args.prompt_key] for d in data],
+                                [d[args.response_key] for d in data], params, hint, hint_template,
+                                analysis_template, batch_generator(args.seed, batch, cli.device()))
+        # DDT under the plain prompt, exactly as tools/ddt_score.py scores a response.
+        realigned = {i: tokenize_row(tokenizer, {args.prompt_key: d[args.prompt_key], args.response_key: r.text},
+                                     rows[i].source, i, args.prompt_key, args.response_key)
+                     for i, d, r in zip(batch, data, results) if r.text.strip()}
+        phi_orig = {s["index"]: s["avg_phi"] for s in score_batch(model, [originals[i] for i in batch], pad)}
+        phi_new = {s["index"]: s["avg_phi"] for s in score_batch(model, list(realigned.values()), pad)} if realigned else {}
+        for i, d, r in zip(batch, data, results):
+            out = dict(d, realigned=r.text, end_reason=r.end_reason, num_tokens=r.n_tokens, mean_lam=r.mean_lam,
+                       avg_phi_original=phi_orig[i], avg_phi_realigned=phi_new.get(i))
+            if r.analysis is not None:
+                out["analysis"] = r.analysis
+            if args.answer_key in d:
+                out["answer_match"] = answers_match(r.text, d[args.answer_key])
+            if writer:
+                writer.write({"index": i, "row": out})
+        bar.update(len(batch) * dp)
+    bar.close()
+    if writer:
+        writer.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        parts = [shard_path(out_dir / "shards" / final.name, r, dp) for r in range(dp)]
+        merged = [r["row"] for r in collect_shards(parts, len(rows))]
+        write_jsonl_atomic(final, merged)
+        if args.min_avg_phi is not None or args.require_answer_match:
+            write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
+        remove_shards(parts)
+        summary = summarize(merged, args)
+        write_json_atomic(out_dir / "summary.json", summary)
+        for key, value in summary.items():
+            print(f"{key:>24}: {value}")
+        print(f"wrote {final} and {out_dir / 'summary.json'}")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    cli.run(main, "realign_distributed")
