@@ -51,11 +51,12 @@ def first_error(message):
     return next((m for m in found if m), None)
 
 
-def run(main, prog: str) -> None:
-    """Run `main()`; a user error becomes `prog: error: ...` on stderr (once) and exit code 2."""
+def run(main, prog: str, user_errors: tuple = ()) -> None:
+    """Run `main()`; a user error (USER_ERRORS, plus the tool's own `user_errors`) becomes
+    `prog: error: ...` on stderr (once) and exit code 2."""
     try:
         main()
-    except USER_ERRORS as e:
+    except USER_ERRORS + user_errors as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -1,0 +1,115 @@
+"""The command line of `launch/pretrain_idft.py`: Megatron / DeepSpeed argument names, optionally
+taken from a YAML file of the same keys (`--config`; the command line wins)."""
+import argparse
+from pathlib import Path
+
+import yaml
+
+from .. import cli
+from ..ddt import LOSS_KINDS, IDFTConfig
+
+
+class TrainConfigError(ValueError):
+    """Batch sizes, schedule, DeepSpeed config or checkpoint settings that cannot work together
+    (a user error: the entry points hand it to cli.run, which reports it as one line)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain_idft", description="Train with ce / dft / idft under TP x PP x DP.")
+    p.add_argument("--config", help="YAML file of the same keys as the flags (dashes or underscores)")
+    cli.add_model_args(p)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-data", help="JSONL, Parquet or a datasets folder (required)")
+    g.add_argument("--valid-data")
+    g.add_argument("--prompt-key", default="prompt")
+    g.add_argument("--response-key", default="response")
+    g.add_argument("--seq-length", type=int, default=2048)
+    g.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
+                   help="rows longer than --seq-length: cut from the response end, or left out")
+    g.add_argument("--pack", action="store_true", help="pack samples into rows of --seq-length")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("batches and schedule")
+    g.add_argument("--micro-batch-size", type=int, help="default: the DeepSpeed config's")
+    g.add_argument("--global-batch-size", type=int, help="default: the DeepSpeed config's, else micro x DP")
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--epochs", type=int, help="instead of --train-iters")
+    g.add_argument("--exit-interval", type=int, help="stop (after saving) once the iteration is a multiple of this")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default: all iterations")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, help="default: the DeepSpeed config's gradient_clipping, else 1.0")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=LOSS_KINDS, default="idft")
+    d = IDFTConfig()
+    g.add_argument("--idft-beta", type=float, default=d.beta)
+    g.add_argument("--idft-gamma-min", type=float, default=d.gamma_min)
+    g.add_argument("--idft-gamma-max", type=float, default=d.gamma_max)
+    g.add_argument("--idft-warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--idft-transition-ratio", type=float, default=d.transition_ratio)
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save", help="checkpoint folder (also holds metrics.jsonl)")
+    g.add_argument("--load", help="resume from the latest checkpoint in this folder")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--eval-interval", type=int, help="validate every N iterations (and at the end)")
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--export-hf", help="write a Hugging Face folder of the final model here")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=False,
+                   help="DeepSpeed JSON (ds_configs/); batch sizes and clipping are filled in from the flags")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        p.set_defaults(**_yaml_defaults(p, first.config))
+    args = p.parse_args(argv)
+    for flag, dest in (("--train-data", "train_data"), ("--deepspeed_config", "deepspeed_config")):
+        if getattr(args, dest) is None:
+            p.error(f"{flag} is required (on the command line or in --config)")
+    if (args.train_iters is None) == (args.epochs is None):
+        p.error("give exactly one of --train-iters and --epochs")
+    for dest in ("train_iters", "epochs", "seq_length", "micro_batch_size", "global_batch_size",
+                 "save_interval", "eval_interval", "exit_interval", "keep_last"):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    if args.save_interval and not args.save:
+        p.error("--save-interval needs --save")
+    if args.eval_interval and not args.valid_data:
+        p.error("--eval-interval needs --valid-data")
+    return args
+
+
+def _yaml_defaults(p: argparse.ArgumentParser, path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        p.error(f"--config {path}: {' '.join(str(e).split())}")
+    if not isinstance(data, dict):
+        p.error(f"--config {path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in p._actions}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in dests or dest == "config":
+            p.error(f"--config {path}: unknown key '{key}'")
+        out[dest] = value
+    return out
+
+
+def idft_config(args) -> IDFTConfig:
+    return IDFTConfig(args.idft_beta, args.idft_gamma_min, args.idft_gamma_max,
+                      args.idft_warmup_ratio, args.idft_transition_ratio)

@@ -1,0 +1,56 @@
+"""The DeepSpeed engine around the pipeline model, and one training / validation pass through it.
+
+P > 1: DeepSpeed's PipelineEngine runs the micro-batches through the stages (its mpu is the
+pipeline's own grid, built on the same topology as our groups). P == 1: the ordinary engine with
+our groups as mpu, stepping once per GAS micro-batches. DeepSpeed owns the optimizer, precision,
+accumulation, ZeRO and clipping in both."""
+import deepspeed
+import torch
+
+from ..parallel import state
+from .model import WholeModel
+
+
+def make_engine(pipe, ds_config: dict, optimizer=None, scheduler=None):
+    if pipe.num_pipeline_stages() > 1:
+        engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    else:
+        engine, *_ = deepspeed.initialize(model=WholeModel(pipe), optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=ds_config, mpu=state)
+    return engine
+
+
+def is_pipeline(engine) -> bool:
+    return isinstance(engine, deepspeed.PipelineEngine)
+
+
+def pipeline_module(engine):
+    return engine.module if is_pipeline(engine) else engine.module.pipe
+
+
+def train_step(engine, micro_batches) -> None:
+    """One optimizer step over this rank's GAS micro-batches."""
+    if is_pipeline(engine):
+        engine.train_batch(iter(micro_batches))
+        return
+    engine.train()
+    for inputs, labels in micro_batches:
+        loss = engine(_to(inputs, engine.device), _to(labels, engine.device))
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies it at the GAS boundary only
+
+
+@torch.no_grad()
+def forward_only(engine, micro_batches) -> None:
+    """Run the loss over micro-batches without training (validation); the loss function records."""
+    if is_pipeline(engine):
+        engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches), reduce_output=None,
+                          bcast_loss=False)
+        return
+    engine.eval()
+    for inputs, labels in micro_batches:
+        engine(_to(inputs, engine.device), _to(labels, engine.device))
+
+
+def _to(tensors, device):
+    return tuple(t.to(device) for t in tensors)

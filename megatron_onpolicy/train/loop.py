@@ -1,0 +1,128 @@
+"""The training run: set up, then per iteration: this rank's micro-batches and the global token
+count, one DeepSpeed step, metrics; validation, checkpoints and the HF export at their intervals."""
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import cli
+from ..ddt import idft_lambda
+from ..model.hf_io import load_hf_weights
+from ..model.loader import load_arch, load_tokenizer
+from ..parallel import state
+from . import checkpoint
+from .args import idft_config
+from .batches import Position, TrainBatches, load_samples, valid_micro_batches
+from .ds_config import build_ds_config
+from .engine import forward_only, make_engine, pipeline_module, train_step
+from .export import export_hf
+from .loss import TrainLoss
+from .metrics import MetricsLog, cat, global_sums, is_last_stage, token_summary, writer_rank
+from .model import build_pipeline, hf_names
+from .optim import make_optimizer, make_scheduler
+
+
+def train(args) -> None:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    folder, arch = load_arch(args.model)
+    cli.start(tp, pp, arch.num_heads, arch.num_kv_heads)
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    ds_config = build_ds_config(args, dp, pp)
+    if args.load:
+        checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
+    torch.manual_seed(args.seed)
+
+    # Data: every rank tokenizes everything (see batches.py); errors are the same on every rank.
+    tokenizer = load_tokenizer(folder)
+    train_data = load_samples(args.train_data, tokenizer, args)
+    valid_data = load_samples(args.valid_data, tokenizer, args) if args.valid_data else None
+    gas = ds_config["gradient_accumulation_steps"]
+    batches = TrainBatches(train_data, args, dp, dp_rank, state.get_data_parallel_group(), gas,
+                           ds_config["train_batch_size"])
+    total = batches.total_iters()
+    writer = dist.get_rank() == writer_rank()
+    if writer:
+        for path, data in ((args.train_data, train_data), (args.valid_data, valid_data)):
+            if data:
+                print(data.describe(path), flush=True)
+
+    # Model and engine.
+    loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size)
+    pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn)
+    if not args.load:  # a resumed run takes every weight from its checkpoint
+        load_hf_weights(pipe, folder, hf_names(pipe))
+    optimizer = make_optimizer(pipe, args)
+    engine = make_engine(pipe, ds_config, optimizer, make_scheduler(optimizer, args, total))
+    meta = {"model": model_name(args.model), "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
+            "samples": len(train_data.samples), "seed": args.seed, "pack": args.pack, "seq_length": args.seq_length,
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled"))}
+    start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, Position())
+
+    log = None
+    if writer:
+        log = MetricsLog(args.save or args.tensorboard_dir or os.getcwd(), args.tensorboard_dir, total, start)
+    valid = valid_micro_batches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) \
+        if valid_data else None
+    for iteration in range(start + 1, total + 1):
+        micro, counts, position = batches.next(position)
+        loss_fn.reset()
+        loss_fn.denom = counts["loss_tokens"] / (gas * dp)
+        loss_fn.lam = idft_lambda((iteration - 1) / total, args.idft_warmup_ratio, args.idft_transition_ratio)
+        lr = engine.get_lr()[0]
+        t0 = time.perf_counter()
+        train_step(engine, micro)
+        seconds = time.perf_counter() - t0
+        record, phi, gamma = None, cat(loss_fn.phi), cat(loss_fn.gamma)  # before validation resets them
+        if is_last_stage():
+            grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none (fp32 ZeRO-0)
+            record = {"iteration": iteration, **token_summary(global_sums(loss_fn), args.loss), "lr": lr,
+                      "grad_norm": None if grad_norm is None else float(grad_norm), "lam": loss_fn.lam,
+                      **counts, "tokens_per_s": counts["tokens"] / seconds,
+                      # the data position: samples (packed rows with --pack) of the epoch consumed
+                      "epoch": position.epoch, "epoch_position": position.offset}
+        if valid and (iteration == total or _due(iteration, args.eval_interval)):
+            evaluated = validate(engine, loss_fn, valid)
+            if record is not None:
+                record.update(evaluated)
+        if writer:
+            log.log(record, phi, gamma)
+        stop = _due(iteration, args.exit_interval)
+        if args.save and (iteration == total or stop or _due(iteration, args.save_interval)):
+            checkpoint.save(engine, args.save, iteration, position, meta, args.keep_last)
+        if stop:
+            break
+    if writer:
+        log.close()
+    if args.export_hf:
+        export_hf(pipeline_module(engine), tokenizer, Path(args.export_hf))
+        if dist.get_rank() == 0:
+            print(f"exported a Hugging Face folder to {args.export_hf}", flush=True)
+
+
+def _due(iteration: int, interval) -> bool:
+    return bool(interval) and iteration % interval == 0
+
+
+def validate(engine, loss_fn, micro_batches) -> dict:
+    """Cross-entropy and mean phi over every validation loss token (the last stage's ranks
+    return them; the others an empty dict)."""
+    loss_fn.reset()
+    loss_fn.evaluating = True
+    try:
+        forward_only(engine, micro_batches)
+    finally:
+        loss_fn.evaluating = False
+    if not is_last_stage():
+        return {}
+    s = global_sums(loss_fn)
+    n = max(s["tokens"], 1.0)
+    return {"valid_loss": s["loss_ce"] / n, "valid_phi_mean": s["phi"] / n, "valid_tokens": s["tokens"]}
+
+
+def model_name(name: str) -> str:
+    """What a checkpoint records as its model: an alias as is, a path made absolute (so that
+    tools/export_hf.py finds it from any folder)."""
+    return str(Path(name).resolve()) if Path(name).exists() else name

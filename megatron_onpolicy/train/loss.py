@@ -1,0 +1,49 @@
+"""The loss function the pipeline calls on its last stage, and what it records for metrics.
+
+The objective of an iteration is the mean over all loss tokens of the global batch. DeepSpeed
+divides the gradient by the accumulation steps (GAS) and averages it over the data-parallel
+ranks (DP), so each micro-batch's sum is divided by global_tokens / (GAS * DP): after DeepSpeed's
+two divisions the gradient is exactly that of the global token mean, whatever T, P, DP and the
+micro / global batch split.
+"""
+import torch
+
+from ..ddt import LOSS_KINDS, IDFTConfig, ddt_loss, token_weights
+
+# Sums kept per iteration (one all-reduce over DP gives the global values).
+SUMS = (*(f"loss_{k}" for k in LOSS_KINDS), "tokens", "phi", "phi_sq", "gamma", "phi_lt_-1")
+
+
+class TrainLoss:
+    def __init__(self, kind: str, idft: IDFTConfig, tp_group, vocab_size: int):
+        self.kind, self.idft, self.tp_group, self.vocab_size = kind, idft, tp_group, vocab_size
+        self.denom = 1.0     # set per iteration: global loss tokens / (GAS * DP)
+        self.lam = 1.0       # set per iteration: the IDFT schedule
+        self.evaluating = False
+        self.reset()
+
+    def reset(self):
+        self.sums = None
+        self.phi, self.gamma = [], []  # this rank's loss tokens, for histograms
+
+    def __call__(self, logits, labels):
+        targets, loss_mask = labels
+        # Validation reports cross-entropy, the one number comparable across losses and runs.
+        kind, denom = ("ce", 1.0) if self.evaluating else (self.kind, self.denom)
+        loss, stats, _, gamma = ddt_loss(logits, targets, loss_mask, kind, denom, self.tp_group,
+                                         self.vocab_size, self.lam, self.idft)
+        self._record(stats, gamma, loss_mask)
+        return loss
+
+    @torch.no_grad()
+    def _record(self, stats, gamma, loss_mask):
+        keep = loss_mask > 0
+        neg_logp = -stats.logp[keep]
+        phi, gamma = stats.phi[keep], gamma[keep]
+        # Every objective's value on the same tokens: training with one still shows the others.
+        per_kind = [(token_weights(k, stats, self.lam, self.idft)[0][keep] * neg_logp).sum() for k in LOSS_KINDS]
+        sums = torch.stack([*per_kind, keep.sum().float(), phi.sum(), (phi * phi).sum(), gamma.sum(),
+                            (phi < -1).sum().float()]).double()
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.phi.append(phi.float().cpu())
+        self.gamma.append(gamma.float().cpu())

@@ -1,0 +1,112 @@
+"""The Llama-family model as a DeepSpeed `PipelineModule` of LayerSpecs, TP inside every stage.
+
+Layer list: embedding, decoder layers, final norm, head. Between layers flows the tuple
+(hidden, position_ids[, segment_ids]); the final norm drops the ids and the head returns
+vocab-sharded logits, which the loss function reads on the last stage. With tied embeddings the
+embedding and the head are one `TiedLayerSpec`, so the first and last stages each hold a copy
+whose gradients DeepSpeed sums. Stages are balanced by decoder-layer count. P == 1 builds the
+same module (one stage), so there is only one layer list, one naming and one loader."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from ..model.config import ArchConfig
+from ..model.hf_io import weight_map
+from ..model.llama import DecoderLayer, LMHead, RMSNorm, Rotary, layer_masks
+from ..parallel.layers import VocabParallelEmbedding, tp_size_rank
+from ..parallel.mappings import copy_to_tp
+from ..parallel.state import ParallelLayoutError
+
+
+class EmbeddingPipe(VocabParallelEmbedding):
+    def forward(self, inputs):
+        input_ids, *ids = inputs
+        return (super().forward(input_ids), *ids)
+
+
+class DecoderLayerPipe(DecoderLayer):
+    def __init__(self, cfg: ArchConfig, tp_group, index: int):
+        super().__init__(cfg, tp_group)
+        self.cfg, self.index = cfg, index
+        self.rotary = Rotary(cfg.hf_config)  # no parameters: each layer rebuilds cos / sin from the ids
+
+    def forward(self, inputs):
+        x, position_ids, *segment_ids = inputs
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = layer_masks(self.cfg, position_ids, segment_ids[0] if segment_ids else None)[self.index]
+        return (super().forward(x, cos, sin, mask), position_ids, *segment_ids)
+
+
+class FinalNormPipe(RMSNorm):
+    def forward(self, inputs):
+        return super().forward(inputs[0])
+
+
+def tied_head(embedding: EmbeddingPipe, hidden):
+    """The head that borrows the embedding matrix (TiedLayerSpec forward_fn)."""
+    return F.linear(copy_to_tp(hidden, embedding.tp_group), embedding.weight)
+
+
+def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn) -> PipelineModule:
+    if cfg.num_layers < topology.get_dim("pipe"):
+        raise ParallelLayoutError(f"pipeline-model-parallel-size {topology.get_dim('pipe')} exceeds the model's "
+                                  f"{cfg.num_layers} decoder layers")
+    embed_args = (cfg.vocab_size, cfg.hidden_size, tp_group)
+    if cfg.tie_word_embeddings:
+        first = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, tied_weight_attr="weight")
+        head = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, forward_fn=tied_head, tied_weight_attr="weight")
+    else:
+        first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(LMHead, cfg, tp_group)
+    specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i) for i in range(cfg.num_layers)),
+             LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.rms_norm_eps), head]
+    # no_grad: DeepSpeed broadcasts the tied weights in place at construction, which autograd
+    # would otherwise record on the parameters. dynamic_shape: activations take the length of
+    # each micro-batch's longest sample.
+    with torch.no_grad():
+        pipe = PipelineModule(specs, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderLayerPipe",
+                              dynamic_shape=True)
+    # What model/hf_io reads off a model: its architecture and TP group.
+    pipe.cfg, pipe.tp_group = cfg, tp_group
+    _mark_tp_sharded(pipe)
+    return pipe
+
+
+def hf_names(pipe: PipelineModule) -> dict:
+    """This stage's parameter names -> the whole model's native names (model/hf_io.weight_map)."""
+    n = pipe.cfg.num_layers
+
+    def native(name):
+        head, rest = name.split(".", 1)
+        if head == "tied_modules":  # tied_modules.embed.weight
+            return "embed." + rest.split(".", 1)[1]
+        i = int(head)  # the index in the layer list
+        if i == 0:
+            return "embed." + rest
+        if i <= n:
+            return f"layers.{i - 1}.{rest}"
+        return ("norm." if i == n + 1 else "lm_head.") + rest
+
+    return {name: native(name) for name, _ in pipe.named_parameters()}
+
+
+def _mark_tp_sharded(pipe: PipelineModule) -> None:
+    """DeepSpeed's gradient norm counts a parameter without this mark on TP rank 0 only (it is
+    replicated); the sharded ones must be counted on every TP rank."""
+    tp, _ = tp_size_rank(pipe.tp_group)
+    table = weight_map(pipe.cfg, tp)
+    params = dict(pipe.named_parameters())
+    for name, native in hf_names(pipe).items():
+        params[name].tensor_model_parallel = tp > 1 and table[native].dim is not None
+
+
+class WholeModel(nn.Module):
+    """P == 1: the one-stage pipeline plus its loss, for DeepSpeed's ordinary engine, which
+    (unlike the pipeline engine) also allows ZeRO-2."""
+
+    def __init__(self, pipe: PipelineModule):
+        super().__init__()
+        self.pipe = pipe
+
+    def forward(self, inputs, labels):
+        return self.pipe.loss_fn(self.pipe(inputs), labels)

@@ -1,0 +1,200 @@
+"""launch/pretrain_idft.py end to end on CPU (gloo), run as users run it (deepspeed, torchrun or
+plain python), on a tiny random Llama (4 layers, hidden 64, tied embeddings) with the SmolLM2
+tokenizer: the loss is the global token mean whatever the layout and batch split, TP x PP trains
+like one process, a resumed run repeats the uninterrupted one, the HF export matches, bad input
+fails cleanly."""
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from megatron_onpolicy.data import collate, read_rows, tokenize_row
+from megatron_onpolicy.train.optim import lr_at
+from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
+
+KINDS = ("ce", "dft", "idft")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
+    (tmp / "train.jsonl").write_text("".join(rows[:32]))
+    (tmp / "valid.jsonl").write_text("".join(rows[32:40]))
+    return SimpleNamespace(tmp=tmp, model=make_tiny_model(tmp / "tiny"), train=tmp / "train.jsonl",
+                           valid=tmp / "valid.jsonl")
+
+
+def run(s, n, name, tp, pp, micro, glob, *extra, runner="deepspeed", config="zero1_fp32.json"):
+    out = s.tmp / name
+    result = launch(n, "--model", s.model, "--train-data", s.train, "--seq-length", 128,
+                    "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+                    "--micro-batch-size", micro, "--global-batch-size", glob, "--save", out,
+                    "--deepspeed_config", ROOT / "ds_configs" / config, *extra, runner=runner)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return read_metrics(out)
+
+
+TRAINED = ("--loss", "ce", "--lr", "1e-2", "--train-iters", 4, "--save-interval", 2, "--valid-data")
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """(T, P, DP) layouts with different micro-batch / accumulation splits of a global batch of 4."""
+    s = setup
+    return {
+        # two trained runs (real lr, clipping active), the reference one also with TensorBoard
+        (1, 1, 1): run(s, 0, "ref", 1, 1, 4, 4, *TRAINED, s.valid, "--keep-last", 1,
+                       "--tensorboard-dir", s.tmp / "tb"),
+        (2, 2, 1): run(s, 4, "tp2pp2", 2, 2, 2, 4, *TRAINED, s.valid, "--export-hf", s.tmp / "tp2pp2-hf"),
+        # --lr 0, one iteration each
+        (2, 1, 1): run(s, 2, "tp2", 2, 1, 1, 4, "--loss", "dft", "--lr", 0, "--train-iters", 1, runner="torchrun"),
+        (1, 2, 1): run(s, 2, "pp2", 1, 2, 2, 4, "--loss", "idft", "--lr", 0, "--train-iters", 1),
+        (1, 1, 2): run(s, 2, "dp2", 1, 1, 1, 4, "--loss", "idft", "--lr", 0, "--train-iters", 1, runner="torchrun"),
+    }
+
+
+def test_iteration_one_loss_is_the_global_token_mean_in_every_layout(runs):
+    ref = runs[(1, 1, 1)][0]
+    for layout, metrics in runs.items():
+        first = metrics[0]
+        for kind in KINDS:  # every objective is reported, whichever one is trained
+            assert first[f"loss_{kind}"] == pytest.approx(ref[f"loss_{kind}"], rel=1e-5), (layout, kind)
+        kind = {(2, 1, 1): "dft", (1, 2, 1): "idft", (1, 1, 2): "idft"}.get(layout, "ce")
+        assert first["loss"] == first[f"loss_{kind}"], layout
+        assert first["loss_tokens"] == ref["loss_tokens"] and first["tokens"] == ref["tokens"], layout
+        assert first["phi_mean"] == pytest.approx(ref["phi_mean"], rel=1e-5, abs=1e-6), layout
+
+
+def test_tp2_pp2_trains_like_one_process(runs):
+    ref, par = runs[(1, 1, 1)], runs[(2, 2, 1)]
+    assert [m["iteration"] for m in par] == [1, 2, 3, 4]
+    assert ref[1]["loss"] != pytest.approx(ref[0]["loss"], rel=1e-3), "the lr must move the loss"
+    assert ref[0]["grad_norm"] > 1.0, "clipping (at 1.0) must be active"
+    for a, b in zip(ref, par):
+        for key in ("loss", "grad_norm", "phi_mean", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["iteration"], key)
+    assert par[-1]["valid_loss"] == pytest.approx(ref[-1]["valid_loss"], rel=1e-4)
+    for key in ("iteration", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "phi_mean", "phi_std",
+                "gamma_mean", "lam", "frac_phi_lt_-1", "epoch", "epoch_position"):
+        assert key in par[0], key
+
+
+def test_metrics_files(setup, runs):
+    ref = setup.tmp / "ref"
+    # --keep-last 1: only the newest checkpoint, complete and named by `latest`
+    assert sorted(p.name for p in ref.glob("iter_*")) == ["iter_0000004"]
+    assert (ref / "latest").read_text() == "iter_0000004"
+    assert (ref / "iter_0000004" / "complete.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(setup.tmp / "tb"), size_guidance={"histograms": 0}).Reload()
+    assert {"train/loss", "train/phi_mean", "valid/valid_loss"} <= set(events.Tags()["scalars"])
+    assert {"train/phi", "train/gamma"} <= set(events.Tags()["histograms"])
+    assert len(events.Scalars("train/loss")) == 4
+
+
+def test_resume_repeats_the_uninterrupted_run(setup, runs):
+    """Resume a copy of the (2,2,1) run from its iteration-2 checkpoint, as if it had died while
+    saving iteration 4: the torn partial save must be ignored, then replaced."""
+    s, src, dst = setup, setup.tmp / "tp2pp2", setup.tmp / "resumed"
+    shutil.copytree(src, dst)
+    (dst / "latest").write_text("iter_0000002")
+    (dst / "iter_0000004").rename(dst / ".partial-iter_0000004")
+    (dst / ".partial-iter_0000004" / "complete.json").unlink()
+    for f in (dst / ".partial-iter_0000004").glob("*.pt"):
+        f.write_bytes(b"torn")
+    resumed = run(s, 4, "resumed", 2, 2, 2, 4, *TRAINED, s.valid, "--load", dst, runner="torchrun")
+    full = runs[(2, 2, 1)]
+    assert [m["iteration"] for m in resumed] == [1, 2, 3, 4]  # records after the checkpoint replaced
+    for a, b in zip(full[2:], resumed[2:]):
+        for key in ("loss", "grad_norm", "lr", "phi_mean", "valid_loss", "epoch", "epoch_position", "loss_tokens"):
+            assert a.get(key) == b.get(key), (a["iteration"], key)
+    assert (dst / "latest").read_text() == "iter_0000004" and (dst / "iter_0000004" / "complete.json").is_file()
+    assert sorted(p.name for p in dst.glob("*iter_*")) == ["iter_0000002", "iter_0000004"]
+
+
+def test_hf_export_matches_the_parallel_model(setup, runs):
+    """The exported folder loads in transformers; its validation loss and mean phi, computed from
+    its logits, equal the (2,2,1) model's own; tools/export_hf.py from the checkpoint agrees."""
+    hf_dir = setup.tmp / "tp2pp2-hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    samples = [tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(setup.valid))]
+    b = collate(samples, 0)
+    with torch.no_grad():
+        logits = model(b["input_ids"]).logits.double()
+    logp = logits.log_softmax(-1)
+    keep = b["loss_mask"] > 0
+    logp_y = logp.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
+    entropy = -(logp.exp() * logp).sum(-1)[keep]
+    last = runs[(2, 2, 1)][-1]
+    assert last["valid_tokens"] == keep.sum()
+    assert -logp_y.mean().item() == pytest.approx(last["valid_loss"], rel=1e-5)
+    assert (logp_y + entropy).mean().item() == pytest.approx(last["valid_phi_mean"], rel=1e-4, abs=1e-5)
+
+    out = setup.tmp / "exported"
+    result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", out, script="tools/export_hf.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    a, b = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_packing_across_pipeline_stages(setup):
+    s = setup
+    args = ("--pack", "--seq-length", 512, "--loss", "idft", "--lr", 0, "--train-iters", 1)
+    one = run(s, 0, "pack1", 1, 1, 2, 2, *args)[0]
+    two = run(s, 2, "pack2", 1, 2, 1, 2, *args, runner="torchrun")[0]
+    for key in ("loss", "loss_ce", "phi_mean", "loss_tokens"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["tokens"] > 2 * 128, "a packed row holds several samples"
+
+
+BAD = {  # name: (train file text, extra flags, expected text in the error line)
+    "empty": ("", (), "no rows"),
+    "overlong": (None, ("--seq-length", 16, "--overlong", "drop"), "all 32 rows are longer than --seq-length 16"),
+    "malformed": ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', (), "malformed.jsonl:2:"),
+    "batch": (None, ("--micro-batch-size", 3), "global batch size 4 is not divisible by micro-batch size 3"),
+    "mismatch": (None, ("--deepspeed_config", "MISMATCH"), "train_batch_size is 8 but --global-batch-size gives 4"),
+    "load": (None, ("--load", "MISSING"), "no such folder"),
+}
+
+
+def test_bad_input_fails_with_one_clear_line_and_writes_nothing(setup, tmp_path):
+    (tmp_path / "mismatch.json").write_text(json.dumps({"train_batch_size": 8}))
+    procs = {}
+    for name, (text, extra, _) in BAD.items():
+        data = setup.train
+        if text is not None:
+            data = tmp_path / f"{name}.jsonl"
+            data.write_text(text)
+        extra = [str(tmp_path / "mismatch.json") if a == "MISMATCH" else str(tmp_path / "nope") if a == "MISSING"
+                 else str(a) for a in extra]
+        cmd = [sys.executable, str(ROOT / "launch" / "pretrain_idft.py"), "--model", str(setup.model),
+               "--train-data", str(data), "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--train-iters", "2", "--seq-length", "128", "--save", str(tmp_path / f"{name}-out"),
+               "--export-hf", str(tmp_path / f"{name}-hf"),
+               "--deepspeed_config", str(ROOT / "ds_configs" / "zero1_fp32.json"), *extra]
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if line.startswith("pretrain_idft: error:")]
+        assert p.returncode != 0, name
+        assert len(errors) == 1 and BAD[name][2] in errors[0], (name, err[-2000:])
+        assert not (tmp_path / f"{name}-out").exists() and not (tmp_path / f"{name}-hf").exists(), name
+
+
+def test_lr_schedule():
+    args = SimpleNamespace(lr=1.0, min_lr=0.1, lr_warmup_iters=2, lr_decay_iters=None, lr_decay_style="cosine")
+    lrs = [lr_at(s, args, 10) for s in range(11)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[10] == 0.1
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    args.lr_decay_style = "linear"
+    assert lr_at(6, args, 10) == pytest.approx(0.55)
+    args.lr_decay_style = "constant"
+    assert {lr_at(s, args, 10) for s in range(2, 12)} == {1.0}

@@ -1,0 +1,50 @@
+"""Helpers for the training tests: a tiny random Llama with the real SmolLM2 tokenizer, the
+entry point launched as users launch it, and its metrics."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+from megatron_onpolicy.model.hub import resolve_model_path
+from megatron_onpolicy.model.loader import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENTRY = str(ROOT / "launch" / "pretrain_idft.py")
+
+
+def make_tiny_model(folder, layers=4, tied=True, seed=0):
+    """hidden 64, 4 heads / 2 KV heads, vocab 49152 so that the SmolLM2 tokenizer fits."""
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=tied,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-trivial norm weights, as in a trained model
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    model.save_pretrained(folder)
+    load_tokenizer(resolve_model_path("smollm2-135m")).save_pretrained(folder)
+    return folder
+
+
+def launch(n, *args, runner="deepspeed", script=ENTRY, timeout=600):
+    """Run a script (default: the training entry point) on n processes, as users start it;
+    n == 0: plain python, a job of one process."""
+    script = str(ROOT / script)
+    if n == 0:
+        cmd = [sys.executable, script]
+    elif runner == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", script]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), script]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
