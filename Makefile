@@ -25,9 +25,14 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q -x tests
 
+# IDFT on the embedded SmolLM2-135M and the bundled math set, T = 3 on CPU, then the HF export.
 quickstart: setup
-	$(BIN)/deepspeed --num_gpus 3 tools/ddt_score.py --model smollm2-135m \
-		--data data/math_sft.jsonl --tensor-model-parallel-size 3 --out runs/quickstart/ddt.jsonl
+	rm -rf runs/quickstart
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain_idft.py --model smollm2-135m \
+		--train-data data/math_sft.jsonl --tensor-model-parallel-size $(NPROC) --loss idft \
+		--micro-batch-size 2 --global-batch-size 2 --train-iters 3 --seq-length 256 --lr 1e-5 \
+		--save runs/quickstart --tensorboard-dir runs/quickstart/tensorboard --export-hf runs/quickstart/hf \
+		--deepspeed_config ds_configs/zero1_fp32.json
 
 clean:
 	rm -rf $(VENV) runs

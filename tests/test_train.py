@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file
 
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
+from megatron_onpolicy.parallel.state import first_host, slurm_env
 from megatron_onpolicy.train.optim import lr_at
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
@@ -54,8 +55,9 @@ def runs(setup):
                        "--tensorboard-dir", s.tmp / "tb"),
         (2, 2, 1): run(s, 4, "tp2pp2", 2, 2, 2, 4, *TRAINED, s.valid, "--export-hf", s.tmp / "tp2pp2-hf"),
         # --lr 0, one iteration each
-        (2, 1, 1): run(s, 2, "tp2", 2, 1, 1, 4, "--loss", "dft", "--lr", 0, "--train-iters", 1, runner="torchrun"),
-        (1, 2, 1): run(s, 2, "pp2", 1, 2, 2, 4, "--loss", "idft", "--lr", 0, "--train-iters", 1),
+        # and every launcher: deepspeed above, mpirun, srun (its environment), torchrun
+        (2, 1, 1): run(s, 2, "tp2", 2, 1, 1, 4, "--loss", "dft", "--lr", 0, "--train-iters", 1, runner="mpirun"),
+        (1, 2, 1): run(s, 2, "pp2", 1, 2, 2, 4, "--loss", "idft", "--lr", 0, "--train-iters", 1, runner="slurm"),
         (1, 1, 2): run(s, 2, "dp2", 1, 1, 1, 4, "--loss", "idft", "--lr", 0, "--train-iters", 1, runner="torchrun"),
     }
 
@@ -187,6 +189,14 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(setup, tmp_path)
         assert p.returncode != 0, name
         assert len(errors) == 1 and BAD[name][2] in errors[0], (name, err[-2000:])
         assert not (tmp_path / f"{name}-out").exists() and not (tmp_path / f"{name}-hf").exists(), name
+
+
+def test_slurm_environment():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu-a[007-009,012],gpu-b1"}
+    assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a007",
+                              "MASTER_PORT": "23456"}
+    assert [first_host(x) for x in ("node1,node2", "n[1-2]-ib[3-4],x", "a[05]")] == ["node1", "n1-ib3", "a05"]
 
 
 def test_lr_schedule():

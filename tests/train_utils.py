@@ -1,6 +1,8 @@
 """Helpers for the training tests: a tiny random Llama with the real SmolLM2 tokenizer, the
 entry point launched as users launch it, and its metrics."""
 import json
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -34,16 +36,39 @@ def make_tiny_model(folder, layers=4, tied=True, seed=0):
 
 
 def launch(n, *args, runner="deepspeed", script=ENTRY, timeout=600):
-    """Run a script (default: the training entry point) on n processes, as users start it;
+    """Run a script (default: the training entry point) on n processes, as users start it:
+    runner deepspeed, torchrun, mpirun (MPICH's, from the venv) or slurm (n tasks with the
+    environment an srun step gives them, which is all srun does for a job on one node);
     n == 0: plain python, a job of one process."""
     script = str(ROOT / script)
+    args = [str(a) for a in args]
+    if runner == "slurm" and n:
+        return _slurm_step(n, [sys.executable, script, *args], timeout)
     if n == 0:
         cmd = [sys.executable, script]
     elif runner == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", script]
+    elif runner == "mpirun":
+        cmd = [str(BIN / "mpirun"), "-np", str(n), sys.executable, script]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), script]
-    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # MPICH's hydra proxy
+    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _slurm_step(n, cmd, timeout):
+    job = str(random.randrange(1, 10**6))
+    procs = []
+    for rank in range(n):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                    "MASTER_PORT")}
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(n), SLURM_JOB_ID=job,
+                   SLURM_JOB_NODELIST="localhost")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return subprocess.CompletedProcess(cmd, max(p.returncode for p in procs), "".join(o for o, _ in outs),
+                                       "".join(e for _, e in outs))
 
 
 def read_metrics(folder):

@@ -5,6 +5,7 @@ that a DeepSpeed `PipelineModule` built on the same topology agrees with our gro
 itself is the `mpu` that `deepspeed.initialize(mpu=...)` accepts (as in GPT-NeoX).
 """
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -20,14 +21,18 @@ class ParallelLayoutError(ValueError):
 def init_distributed() -> None:
     """Join the job started by the deepspeed launcher, torchrun, srun or mpirun.
 
-    deepspeed.comm reads the launcher's environment and, failing that, discovers rank and world
-    size through MPI (mpirun / srun without torchrun variables)."""
+    deepspeed.comm reads the launcher's environment (deepspeed, torchrun) and, failing that,
+    discovers rank and world size through MPI (mpirun, or srun with a PMI plugin). A plain srun
+    step sets only SLURM's variables, which are translated here."""
     if dist.is_initialized():
         return
     import deepspeed
 
-    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"))
-    if not launched:  # plain `python tool.py`: a job of one process
+    mpi = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if not mpi and "SLURM_PROCID" in os.environ:
+        for key, value in slurm_env(os.environ).items():
+            os.environ.setdefault(key, value)
+    elif not mpi:  # plain `python tool.py`: a job of one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -35,6 +40,22 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def slurm_env(env) -> dict:
+    """torch.distributed's variables for one task of an srun step. The rendezvous is the first
+    node of the job on a port derived from the job id, so jobs sharing a node do not collide.
+    (An MPI launcher inside an allocation wins: its tasks inherit the batch step's SLURM_PROCID.)"""
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")),
+            "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu-a[007-009,012],gpu-b1' -> 'gpu-a007'."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist).group(0)
+    return re.sub(r"\[([^\],-]*)[^\]]*\]", r"\1", first)
 
 
 def _free_port() -> int:

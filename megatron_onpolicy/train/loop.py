@@ -63,7 +63,7 @@ def train(args) -> None:
 
     log = None
     if writer:
-        log = MetricsLog(args.save or args.tensorboard_dir or os.getcwd(), args.tensorboard_dir, total, start)
+        log = MetricsLog(metrics_folder(args), args.tensorboard_dir, total, start)
     valid = valid_micro_batches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) \
         if valid_data else None
     for iteration in range(start + 1, total + 1):
@@ -98,8 +98,23 @@ def train(args) -> None:
         log.close()
     if args.export_hf:
         export_hf(pipeline_module(engine), tokenizer, Path(args.export_hf))
-        if dist.get_rank() == 0:
-            print(f"exported a Hugging Face folder to {args.export_hf}", flush=True)
+    if dist.get_rank() == 0:
+        print(where_it_went(args), flush=True)
+
+
+def metrics_folder(args) -> Path:
+    return Path(args.save or args.tensorboard_dir or os.getcwd())
+
+
+def where_it_went(args) -> str:
+    lines = [f"metrics:      {metrics_folder(args) / 'metrics.jsonl'}"]
+    if args.tensorboard_dir:
+        lines.append(f"tensorboard:  {args.tensorboard_dir}")
+    if args.save:
+        lines.append(f"checkpoints:  {args.save} (latest: {(Path(args.save) / 'latest').read_text()})")
+    if args.export_hf:
+        lines.append(f"hf model:     {args.export_hf} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return "\n".join(lines)
 
 
 def _due(iteration: int, interval) -> bool:
