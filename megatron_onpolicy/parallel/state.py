@@ -28,11 +28,11 @@ def init_distributed() -> None:
         return
     import deepspeed
 
-    mpi = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    if not mpi and "SLURM_PROCID" in os.environ:
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if not launched and "SLURM_PROCID" in os.environ:
         for key, value in slurm_env(os.environ).items():
             os.environ.setdefault(key, value)
-    elif not mpi:  # plain `python tool.py`: a job of one process
+    elif not launched:  # plain `python tool.py`: a job of one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
