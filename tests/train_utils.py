@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,17 +59,26 @@ def launch(n, *args, runner="deepspeed", script=ENTRY, timeout=600):
 
 def _slurm_step(n, cmd, timeout):
     job = str(random.randrange(1, 10**6))
-    procs = []
-    for rank in range(n):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                                    "MASTER_PORT")}
-        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(n), SLURM_JOB_ID=job,
-                   SLURM_JOB_NODELIST="localhost")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    return subprocess.CompletedProcess(cmd, max(p.returncode for p in procs), "".join(o for o, _ in outs),
-                                       "".join(e for _, e in outs))
+    keep = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    # Outputs go to files: a task blocked on a full pipe would stall the others in a collective.
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for rank in range(n):
+            env = {**keep, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(n),
+                   "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost"}
+            out, err = open(f"{tmp}/{rank}.out", "w+"), open(f"{tmp}/{rank}.err", "w+")
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
+        for p, _, _ in procs:
+            p.wait(timeout=timeout)
+        texts = []
+        for _, *files in procs:
+            for f in files:
+                f.seek(0)
+                texts.append(f.read())
+                f.close()
+    return subprocess.CompletedProcess(cmd, max(p.returncode for p, _, _ in procs), "".join(texts[0::2]),
+                                       "".join(texts[1::2]))
 
 
 def read_metrics(folder):
