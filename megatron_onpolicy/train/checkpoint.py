@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.hub import replace_dir
-from ..outputs import write_json_atomic
+from ..outputs import write_json_atomic, write_text_atomic
 from .args import TrainConfigError
 from .batches import Position
 
@@ -47,9 +47,7 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     if dist.get_rank() == 0:
         write_json_atomic(folder / partial / MARKER, {"iteration": iteration, **meta})
         replace_dir(folder / partial, folder / tag)
-        tmp = folder / ".latest.tmp"
-        tmp.write_text(tag)
-        tmp.replace(folder / "latest")
+        write_text_atomic(folder / "latest", tag)
         _prune(folder, keep_last)
     dist.barrier()
 

@@ -5,7 +5,6 @@ their sums over DP, and one of them (DP rank 0, TP rank 0) writes. Histograms ho
 own tokens."""
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..outputs import write_text_atomic
 from ..parallel import state
 from .loss import SUMS
 
@@ -98,9 +98,7 @@ def _keep_until(path: Path, iteration: int) -> None:
                 break
             if record.get("iteration", 0) <= iteration:
                 kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def cat(chunks) -> torch.Tensor:
