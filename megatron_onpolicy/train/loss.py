@@ -15,8 +15,9 @@ SUMS = (*(f"loss_{k}" for k in LOSS_KINDS), "tokens", "phi", "phi_sq", "gamma", 
 
 
 class TrainLoss:
-    def __init__(self, kind: str, idft: IDFTConfig, tp_group, vocab_size: int):
+    def __init__(self, kind: str, idft: IDFTConfig, tp_group, vocab_size: int, keep_tokens: bool = False):
         self.kind, self.idft, self.tp_group, self.vocab_size = kind, idft, tp_group, vocab_size
+        self.keep_tokens = keep_tokens  # keep each loss token's phi and gamma (TensorBoard histograms)
         self.denom = 1.0     # set per iteration: global loss tokens / (GAS * DP)
         self.lam = 1.0       # set per iteration: the IDFT schedule
         self.evaluating = False
@@ -24,7 +25,7 @@ class TrainLoss:
 
     def reset(self):
         self.sums = None
-        self.phi, self.gamma = [], []  # this rank's loss tokens, for histograms
+        self.phi, self.gamma = [], []  # this rank's loss tokens, with keep_tokens
 
     def __call__(self, logits, labels):
         targets, loss_mask = labels
@@ -37,13 +38,19 @@ class TrainLoss:
 
     @torch.no_grad()
     def _record(self, stats, gamma, loss_mask):
+        # Masked sums, not boolean indexing: the sums stay on the device without a host sync
+        # per micro-batch; only the histogram tokens need the selection.
         keep = loss_mask > 0
-        neg_logp = -stats.logp[keep]
-        phi, gamma = stats.phi[keep], gamma[keep]
+
+        def total(x):
+            return torch.where(keep, x, 0).sum()
+
+        phi = stats.phi
         # Every objective's value on the same tokens: training with one still shows the others.
-        per_kind = [(token_weights(k, stats, self.lam, self.idft)[0][keep] * neg_logp).sum() for k in LOSS_KINDS]
-        sums = torch.stack([*per_kind, keep.sum().float(), phi.sum(), (phi * phi).sum(), gamma.sum(),
-                            (phi < -1).sum().float()]).double()
+        per_kind = [total(token_weights(k, stats, self.lam, self.idft)[0] * -stats.logp) for k in LOSS_KINDS]
+        sums = torch.stack([*per_kind, keep.sum().float(), total(phi), total(phi * phi), total(gamma),
+                            (keep & (phi < -1)).sum().float()]).double()
         self.sums = sums if self.sums is None else self.sums + sums
-        self.phi.append(phi.float().cpu())
-        self.gamma.append(gamma.float().cpu())
+        if self.keep_tokens:
+            self.phi.append(phi[keep].float())
+            self.gamma.append(gamma[keep].float())

@@ -2,7 +2,7 @@
 
 The numbers come from the loss function, so from the last pipeline stage: its ranks all-reduce
 their sums over DP, and one of them (DP rank 0, TP rank 0) writes. Histograms hold that writer's
-own tokens."""
+own tokens (kept on the device until TensorBoard takes them)."""
 import json
 import math
 import sys
