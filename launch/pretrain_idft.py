@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train with ce / dft / idft under TP x PP x DP on DeepSpeed.
+"""Train with ce / dft / idft / eaft under TP x PP x DP on DeepSpeed.
 
     deepspeed --num_gpus N launch/pretrain_idft.py --model MODEL --train-data FILE \
         --tensor-model-parallel-size T --pipeline-model-parallel-size P \

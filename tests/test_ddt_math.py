@@ -1,4 +1,4 @@
-"""Vocab-parallel DDT statistics and ce / dft / idft losses vs a dense single-process reference."""
+"""Vocab-parallel DDT statistics and ce / dft / idft / eaft losses vs a dense single-process reference."""
 import math
 from contextlib import contextmanager
 
@@ -12,7 +12,7 @@ from megatron_onpolicy.ddt import (IDFTConfig, TokenStats, ddt_loss, idft_lambda
 from tests.dist_utils import run_distributed
 
 SHAPE = (3, 5)  # [batch, seq]
-LOSSES = [("ce", 1.0), ("dft", 1.0), ("idft", 1.0), ("idft", 0.5)]
+LOSSES = [("ce", 1.0), ("dft", 1.0), ("idft", 1.0), ("idft", 0.5), ("eaft", 1.0)]
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all", "all_to_all_single",
                "gather", "scatter")
@@ -46,6 +46,8 @@ def dense_reference(logits, targets, mask, vocab, kind, denom, lam, cfg=IDFTConf
         w = torch.ones_like(p_y)
     elif kind == "dft":
         w = p_y
+    elif kind == "eaft":  # normalized by the true vocab size, not the padded width
+        w = entropy / math.log(vocab)
     else:
         g_raw = torch.exp(-phi / cfg.beta).clamp(cfg.gamma_min, cfg.gamma_max)
         w = p_y ** (1 + lam * (g_raw - 1))
@@ -96,7 +98,8 @@ def check_against_dense(vocab, padded, group):
     full, targets, mask = make_case(vocab, padded)
     keep = mask.bool()
     # The caller's denominator is the global batch's token count, not this micro-batch's mask sum.
-    denoms = {"ce": float(mask.sum()) + 3, "dft": 7.0, "idft": torch.tensor(float(mask.sum()) + 1)}
+    denoms = {"ce": float(mask.sum()) + 3, "dft": 7.0, "idft": torch.tensor(float(mask.sum()) + 1),
+              "eaft": 5.0}
 
     for dtype in (torch.float32, torch.bfloat16):
         logits = full.to(dtype)  # the reference sees the same (bf16-rounded) values
@@ -182,23 +185,27 @@ def test_token_weights():
     stats = _stats(logp, phi)
     cfg = IDFTConfig()
 
-    w, gamma = token_weights("ce", stats, 1.0, cfg)
+    w, gamma = token_weights("ce", stats, 1.0, cfg, 64)
     assert torch.equal(w, torch.ones(5)) and torch.equal(gamma, torch.zeros(5))
-    w, gamma = token_weights("dft", stats, 1.0, cfg)
+    w, gamma = token_weights("dft", stats, 1.0, cfg, 64)
     close(w, logp.exp()), close(gamma, torch.ones(5))
 
     # exp(10) and exp(-10) are clamped to gamma_max = 2 and gamma_min = 0.1.
     g_raw = torch.tensor([2.0, math.exp(0.5), 1.0, math.exp(-0.5), 0.1])
     for lam in (1.0, 0.5, 0.0):
-        w, gamma = token_weights("idft", stats, lam, cfg)
+        w, gamma = token_weights("idft", stats, lam, cfg, 64)
         close(gamma, 1 + lam * (g_raw - 1), what=f"lam={lam}")
         close(w, logp.exp() ** gamma, what=f"lam={lam}")
     cfg = IDFTConfig(beta=2.0, gamma_min=0.5, gamma_max=1.5)
-    _, gamma = token_weights("idft", stats, 1.0, cfg)
+    _, gamma = token_weights("idft", stats, 1.0, cfg, 64)
     close(gamma, torch.tensor([1.5, math.exp(0.25), 1.0, math.exp(-0.25), 0.5]))
 
+    # eaft: H / log V, V the true vocab size; no exponent of p_y.
+    w, gamma = token_weights("eaft", stats, 1.0, cfg, 64)
+    close(w, (phi - logp) / math.log(64)), close(gamma, torch.zeros(5))
+
     with pytest.raises(ValueError):
-        token_weights("xent", stats, 1.0, cfg)
+        token_weights("xent", stats, 1.0, cfg, 64)
     logits = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(ValueError):
         ddt_loss(logits, torch.tensor([0, 1]), torch.ones(2), "xent", 2.0)

@@ -1,4 +1,4 @@
-"""DDT statistics (centered log-likelihood phi, its variance) and the ce / dft / idft losses,
+"""DDT statistics (centered log-likelihood phi, its variance) and the ce / dft / idft / eaft losses,
 computed on vocab-parallel logits."""
 from .losses import LOSS_KINDS, IDFTConfig, ddt_loss, idft_lambda, token_weights
 from .stats import TokenStats, vocab_parallel_stats, vocab_shard_range

@@ -1,16 +1,18 @@
-"""ce / dft / idft token losses on vocab-parallel logits (DESIGN.md section 2).
+"""ce / dft / idft / eaft token losses on vocab-parallel logits (DESIGN.md section 2).
 
-All three are a weighted cross-entropy, -w * log p_y with a detached weight w, so they share one
+All four are a weighted cross-entropy, -w * log p_y with a detached weight w, so they share one
 autograd function whose backward is the CE gradient scaled by w and needs no collective.
 """
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .stats import TokenStats, local_target_index, vocab_parallel_stats, vocab_shard_range
 
-LOSS_KINDS = ("ce", "dft", "idft")
+LOSS_KINDS = ("ce", "dft", "idft", "eaft")
 
 
 @dataclass
@@ -32,10 +34,13 @@ def idft_lambda(progress: float, warmup_ratio: float, transition_ratio: float) -
     return min(1.0, (progress - warmup_ratio) / transition_ratio)
 
 
-def token_weights(kind: str, stats: TokenStats, lam: float,
-                  cfg: IDFTConfig) -> tuple[Tensor, Tensor]:
-    """(w, gamma): the detached per-token weight w = p_y ** gamma, and gamma itself (fp32)."""
+def token_weights(kind: str, stats: TokenStats, lam: float, cfg: IDFTConfig,
+                  vocab_size: int) -> tuple[Tensor, Tensor]:
+    """(w, gamma): the detached per-token weight w and gamma (fp32), the exponent in w = p_y ** gamma
+    of ce / dft / idft; eaft's w = H / log V (V the true vocab size) is no power of p_y: gamma 0."""
     logp = stats.logp.detach().float()
+    if kind == "eaft":
+        return stats.entropy.detach().float() / math.log(vocab_size), torch.zeros_like(logp)
     if kind == "ce":
         gamma = torch.zeros_like(logp)
     elif kind == "dft":
@@ -81,6 +86,13 @@ class _WeightedVocabParallelCE(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None, None
 
 
+def true_vocab_size(shard_size: int, group=None, vocab_size: int = None) -> int:
+    """vocab_size, or (None: no padding) the whole width of the TP group's shards."""
+    if vocab_size is not None:
+        return vocab_size
+    return shard_size * (1 if group is None else dist.get_world_size(group))
+
+
 def ddt_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, kind: str, denom,
              group=None, vocab_size: int = None, lam: float = 1.0,
              idft: IDFTConfig = IDFTConfig()) -> tuple[Tensor, TokenStats, Tensor, Tensor]:
@@ -89,9 +101,9 @@ def ddt_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, kind: str, deno
     denom is given by the caller (the loss-token count of the whole global batch), never taken from
     this micro-batch's mask. Every rank of the TP group returns the same fp32 loss."""
     stats = vocab_parallel_stats(logits, targets, group, vocab_size)
-    w, gamma = token_weights(kind, stats, lam, idft)
-    coef = loss_mask.float() * w / denom
     start, n_valid = vocab_shard_range(logits.shape[-1], group, vocab_size)
+    w, gamma = token_weights(kind, stats, lam, idft, true_vocab_size(logits.shape[-1], group, vocab_size))
+    coef = loss_mask.float() * w / denom
     loss = _WeightedVocabParallelCE.apply(logits, targets, coef, stats.logp, stats.max_logit,
                                           stats.log_sum_exp, start, n_valid)
     return loss, stats, w, gamma
