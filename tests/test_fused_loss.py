@@ -1,0 +1,142 @@
+"""The fused chunked head + loss (ddt/fused.py) against the unfused path (F.linear, then ddt_loss):
+values, statistics and the gradients of hidden states and weight, at TP = 1, 2, 4, with padded
+vocabularies, masked tokens, ragged chunks, tied embeddings and bf16 inputs."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_onpolicy.ddt import ddt_loss
+from megatron_onpolicy.ddt.fused import chunk_rows, fused_ddt_loss, fused_stats
+from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
+from megatron_onpolicy.parallel.mappings import copy_to_tp
+from tests.dist_utils import run_distributed
+from tests.test_ddt_math import LOSSES, close, count_collectives
+
+SHAPE, DIM = (3, 7), 16  # 21 tokens
+CHUNKS = (None, 4, 1)    # one chunk; 6 chunks with a ragged last of 1; one token a chunk
+STATS = ("logp", "entropy", "phi", "var")
+
+
+def make_case(vocab, padded, seed=0):
+    """hidden [*SHAPE, DIM], the whole padded weight (garbage padding rows), targets, mask."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*SHAPE, DIM, generator=g) * 2
+    weight = torch.randn(padded, DIM, generator=g)
+    weight[vocab:] = 1e3  # would dominate every softmax if padding were read
+    mask = (torch.rand(SHAPE, generator=g) < 0.7).float()
+    mask[0, 0], mask[-1, -1] = 0.0, 1.0
+    targets = torch.randint(0, vocab, SHAPE, generator=g).masked_fill(mask == 0, -100)
+    return hidden, weight, targets, mask
+
+
+def tp_info(group):
+    return (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+
+
+def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk=None):
+    """(loss, stats, hidden grad, weight grad, collectives of the forward, of the backward) of one path."""
+    h = hidden.clone().requires_grad_()
+    w = shard.clone().requires_grad_()
+    x = copy_to_tp(h, group)  # the model's structure: the head's input is summed over TP in backward
+    denom = float(mask.sum()) + 2  # the global batch's count, not this mask's
+    with count_collectives() as forward:
+        if fused:
+            loss, stats, _, _ = fused_ddt_loss(x, w, targets, mask, kind, denom, group, vocab, lam,
+                                               chunk_size=chunk)
+        else:
+            loss, stats, _, _ = ddt_loss(F.linear(x, w), targets, mask, kind, denom, group, vocab, lam)
+    with count_collectives() as backward:
+        loss.backward()
+    return loss.detach(), stats, h.grad, w.grad, forward, backward
+
+
+def check_fused_matches_unfused(vocab, padded, group):
+    tp, rank = tp_info(group)
+    shard_rows = padded // tp
+    rows = slice(rank * shard_rows, (rank + 1) * shard_rows)
+    hidden, weight, targets, mask = make_case(vocab, padded)
+    keep = mask.bool()
+    shard = weight[rows]
+    for kind, lam in LOSSES:
+        ref = run_path(False, hidden, shard, targets, mask, kind, lam, group, vocab)
+        for chunk in CHUNKS:
+            what = f"TP={tp} V={vocab}/{padded} {kind} lam={lam} chunk={chunk}"
+            loss, stats, gh, gw, calls, back_calls = run_path(True, hidden, shard, targets, mask, kind, lam,
+                                                              group, vocab, chunk)
+            # One MAX and one SUM all-reduce forward, whatever the number of chunks; the backward's
+            # only collective is copy_to_tp's sum of the hidden-state gradient.
+            assert calls == ["all_reduce"] * (0 if tp == 1 else 2), (what, calls)
+            assert back_calls == ref[5] == ["all_reduce"] * (tp > 1), (what, back_calls)
+            close(loss, ref[0], what=what + " loss")
+            for name in STATS:
+                sel = keep if name in ("logp", "phi") else slice(None)  # masked positions have no target
+                close(getattr(stats, name)[sel], getattr(ref[1], name)[sel], what=f"{what} {name}")
+            close(gh, ref[2], what=what + " hidden grad")
+            close(gw, ref[3], what=what + " weight grad")
+            assert gw[max(0, vocab - rank * shard_rows):].abs().sum() == 0, what  # padding rows: no grad
+            assert gh.dtype == gw.dtype == torch.float32, what
+
+
+def check_tied_embedding(vocab, padded, group):
+    """One weight as embedding and head: its gradient is the sum of both uses, fused as unfused."""
+    tp, _ = tp_info(group)
+    hidden, weight, targets, mask = make_case(vocab, padded, seed=1)
+    ids = targets.clamp(min=0)
+    grads = []
+    for fused in (False, True):
+        emb = VocabParallelEmbedding(vocab, DIM, group)
+        with torch.no_grad():
+            emb.weight.copy_(weight.chunk(tp)[tp_info(group)[1]])
+        x = copy_to_tp(torch.tanh(emb(ids) + hidden), group)
+        if fused:
+            loss = fused_ddt_loss(x, emb.weight, targets, mask, "idft", 10.0, group, vocab, chunk_size=5)[0]
+        else:
+            loss = ddt_loss(F.linear(x, emb.weight), targets, mask, "idft", 10.0, group, vocab)[0]
+        loss.backward()
+        grads.append(emb.weight.grad)
+    close(grads[1], grads[0], what=f"TP={tp} tied weight grad")
+
+
+def check_bf16(vocab, padded, group):
+    """bf16 hidden and weight: fp32 accumulation inside, so each gradient is one bf16 rounding
+    away from the fp32 computation on the same (bf16-valued) inputs."""
+    tp, rank = tp_info(group)
+    hidden, weight, targets, mask = make_case(vocab, padded, seed=2)
+    hidden, shard = hidden.bfloat16(), weight.chunk(tp)[rank].bfloat16()
+    ref = run_path(True, hidden.float(), shard.float(), targets, mask, "idft", 1.0, group, vocab, 4)
+    got = run_path(True, hidden, shard, targets, mask, "idft", 1.0, group, vocab, 4)
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    # The same fp32 arithmetic on the same values: the loss is equal and the weight gradient is
+    # exactly the fp32 one rounded once to bf16 (no bf16 partial sums over chunks).
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[3], ref[3].bfloat16())
+    if tp == 1:
+        assert torch.equal(got[2], ref[2].bfloat16())
+    else:  # copy_to_tp sums the TP partials of the hidden gradient in the model's dtype
+        close(got[2], ref[2], atol=2 ** -7 * float(ref[2].abs().max()), rtol=2 ** -7, what="bf16 hidden grad")
+
+
+def test_chunk_rows():
+    assert chunk_rows(49152, 7) == 7
+    assert chunk_rows(49152) * 49152 * 4 <= 256 << 20 < (chunk_rows(49152) + 1) * 49152 * 4
+    assert chunk_rows(1 << 40) == 1
+
+
+def test_single_process():
+    check_fused_matches_unfused(37, 40, None)
+    check_tied_embedding(37, 37, None)
+    check_bf16(37, 40, None)
+
+
+def _tp_worker(rank, world_size):
+    world = dist.group.WORLD
+    check_fused_matches_unfused(37, 40, world)  # TP=4, last shard 7 real rows
+    check_fused_matches_unfused(5, 8, world)    # shards of 2: one half padding, one all padding
+    check_tied_embedding(37, 40, world)
+    check_bf16(37, 40, world)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # TP=2 twice: group ranks, not global
+    check_fused_matches_unfused(37, 40, pairs[rank // 2])
+
+
+def test_tp2_and_tp4():
+    run_distributed(_tp_worker, 4)
