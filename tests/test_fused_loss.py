@@ -1,12 +1,13 @@
 """The fused chunked head + loss (ddt/fused.py) against the unfused path (F.linear, then ddt_loss):
 values, statistics and the gradients of hidden states and weight, at TP = 1, 2, 4, with padded
 vocabularies, masked tokens, ragged chunks, tied embeddings and bf16 inputs."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_onpolicy.ddt import ddt_loss
-from megatron_onpolicy.ddt.fused import chunk_rows, fused_ddt_loss, fused_stats
+from megatron_onpolicy.ddt.fused import chunk_rows, fused_ddt_loss
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
 from tests.dist_utils import run_distributed
@@ -140,3 +141,25 @@ def _tp_worker(rank, world_size):
 
 def test_tp2_and_tp4():
     run_distributed(_tp_worker, 4)
+
+
+def test_ddt_score_rows_fused_equal_unfused(tmp_path):
+    """tools/ddt_score.py's rows (score.score_batch): the fused statistics on the model's hidden
+    states give the numbers of the logits path, tied and untied heads, chunks ragged or not."""
+    from megatron_onpolicy.data import read_rows, tokenize_row
+    from megatron_onpolicy.ddt.score import score_batch
+    from megatron_onpolicy.model.loader import load_model, load_tokenizer
+    from tests.train_utils import ROOT, make_tiny_model
+
+    rows = read_rows(ROOT / "data" / "math_sft.jsonl")[:3]
+    for tied in (True, False):
+        model, folder = load_model(str(make_tiny_model(tmp_path / str(tied), layers=1, tied=tied)))
+        tok = load_tokenizer(folder)
+        samples = [tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(rows)]
+        ref = score_batch(model, samples, 0, dump_tokens=True, fused=False)
+        for chunk in (None, 7):
+            got = score_batch(model, samples, 0, dump_tokens=True, fused=True, chunk_size=chunk)
+            for a, b in zip(got, ref):
+                assert a.keys() == b.keys() and a["num_tokens"] == b["num_tokens"] > 10
+                for key, value in b.items():
+                    assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (tied, chunk, key)

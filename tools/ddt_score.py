@@ -2,7 +2,7 @@
 """DDT statistics of a dataset under a model, sharded over data-parallel groups.
 
     deepspeed --num_gpus N tools/ddt_score.py --model MODEL --data FILE \
-        --tensor-model-parallel-size T --out OUT.jsonl [--dump-tokens] [--micro-batch-size B]
+        --tensor-model-parallel-size T --out OUT.jsonl [--dump-tokens] [--micro-batch-size B] [--no-fused-loss]
 
 Writes OUT.jsonl (one line per input row, input order) and OUT.summary.json."""
 import argparse
@@ -33,7 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--dump-tokens", action="store_true", help="also write token ids and per-token phi/logp/entropy")
-    return p.parse_args(argv)
+    p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                   help="build the head's logits first (default: the head fused with the statistics, chunked)")
+    p.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused statistics (default: by memory)")
+    args = p.parse_args(argv)
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        p.error(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size}")
+    return args
 
 
 def main():
@@ -65,7 +71,8 @@ def main():
     batches = length_sorted_batches(mine, args.micro_batch_size)
     bar = tqdm(total=len(rows), desc="ddt_score", unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
     for batch in batches:
-        for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens):
+        for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens, args.fused_loss,
+                               args.loss_chunk_size):
             if writer:
                 writer.write(row)
         bar.update(len(batch) * dp)  # every group advances about alike; rank 0 sees its own

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..data import collate
+from .fused import fused_stats
 from .stats import vocab_parallel_stats
 
 PHI_THRESHOLDS = (-1, -3, -5)
@@ -14,12 +15,19 @@ Z_BINS = (-5.0, -3.0, -1.0, 1.0, 3.0)
 
 
 @torch.no_grad()
-def score_batch(model, samples, pad_id, dump_tokens=False):
-    """One forward over `samples` (tokenized rows) -> one stats dict per sample, in order."""
+def score_batch(model, samples, pad_id, dump_tokens=False, fused=True, chunk_size=None):
+    """One forward over `samples` (tokenized rows) -> one stats dict per sample, in order.
+
+    fused: the head's matmul runs inside the statistics chunk by chunk (no [B, L, V/TP] logits)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
-    logits = model(batch["input_ids"], batch["position_ids"])
-    stats = vocab_parallel_stats(logits, batch["targets"], model.tp_group, model.cfg.vocab_size)
+    args = (model.tp_group, model.cfg.vocab_size)
+    if fused:
+        hidden = model(batch["input_ids"], batch["position_ids"], hidden_only=True)
+        stats = fused_stats(hidden, model.lm_head.weight, batch["targets"], *args, chunk_size=chunk_size)
+    else:
+        logits = model(batch["input_ids"], batch["position_ids"])
+        stats = vocab_parallel_stats(logits, batch["targets"], *args)
     rows = []
     for i, sample in enumerate(samples):
         keep = batch["loss_mask"][i] > 0

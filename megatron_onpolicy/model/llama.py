@@ -168,10 +168,11 @@ class TransformerLM(nn.Module):
         self.lm_head = LMHead(cfg, tp_group, self.embed if cfg.tie_word_embeddings else None, dtype)
 
     def forward(self, input_ids, position_ids=None, segment_ids=None, masks=None, caches=None,
-                last_only=False):
+                last_only=False, hidden_only=False):
         """masks: per-layer attention masks (e.g. from generation); otherwise built here from
         position ids (sliding windows) and segment ids (packed samples), or plain causal.
-        last_only: logits of the last position only (generation: no [B, L, V] logits at prefill)."""
+        last_only: logits of the last position only (generation: no [B, L, V] logits at prefill).
+        hidden_only: the final (normed) hidden states instead, for a fused head + loss."""
         B, L = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -183,7 +184,8 @@ class TransformerLM(nn.Module):
             x = layer(x, cos, sin, masks[i], None if caches is None else caches[i])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if hidden_only else self.lm_head(x)
 
 
 def layer_masks(cfg: ArchConfig, position_ids, segment_ids=None):

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idft-gamma-max", type=float, default=d.gamma_max)
     g.add_argument("--idft-warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--idft-transition-ratio", type=float, default=d.transition_ratio)
+    g.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                   help="build the head's logits and run the loss on them (default: the fused chunked head + loss)")
+    g.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused loss (default: by memory)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save", help="checkpoint folder (also holds metrics.jsonl)")
@@ -82,10 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.train_iters is None) == (args.epochs is None):
         p.error("give exactly one of --train-iters and --epochs")
     for dest in ("train_iters", "epochs", "seq_length", "micro_batch_size", "global_batch_size",
-                 "save_interval", "eval_interval", "exit_interval", "keep_last"):
+                 "save_interval", "eval_interval", "exit_interval", "keep_last", "loss_chunk_size"):
         value = getattr(args, dest)
         if value is not None and value < 1:
             p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    if args.idft_beta <= 0:
+        p.error(f"--idft-beta must be > 0, got {args.idft_beta}")
+    if args.idft_gamma_min > args.idft_gamma_max:
+        p.error(f"--idft-gamma-min {args.idft_gamma_min} exceeds --idft-gamma-max {args.idft_gamma_max}")
     if args.save_interval and not args.save:
         p.error("--save-interval needs --save")
     if args.eval_interval and not args.valid_data:

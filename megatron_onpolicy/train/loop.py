@@ -50,8 +50,8 @@ def train(args) -> None:
 
     # Model and engine.
     loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size,
-                        keep_tokens=writer and bool(args.tensorboard_dir))
-    pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn)
+                        keep_tokens=writer and bool(args.tensorboard_dir), chunk_size=args.loss_chunk_size)
+    pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn, args.fused_loss)
     if not args.load:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(pipe, folder, hf_names(pipe))
     optimizer = make_optimizer(pipe, args)

@@ -8,15 +8,17 @@ micro / global batch split.
 """
 import torch
 
-from ..ddt import LOSS_KINDS, IDFTConfig, ddt_loss, token_weights
+from ..ddt import LOSS_KINDS, IDFTConfig, ddt_loss, fused_ddt_loss, token_weights
 
 # Sums kept per iteration (one all-reduce over DP gives the global values).
 SUMS = (*(f"loss_{k}" for k in LOSS_KINDS), "tokens", "phi", "phi_sq", "gamma", "phi_lt_-1")
 
 
 class TrainLoss:
-    def __init__(self, kind: str, idft: IDFTConfig, tp_group, vocab_size: int, keep_tokens: bool = False):
+    def __init__(self, kind: str, idft: IDFTConfig, tp_group, vocab_size: int, keep_tokens: bool = False,
+                 chunk_size: int = None):
         self.kind, self.idft, self.tp_group, self.vocab_size = kind, idft, tp_group, vocab_size
+        self.chunk_size = chunk_size  # tokens per chunk of the fused loss (None: by memory)
         self.keep_tokens = keep_tokens  # keep each loss token's phi and gamma (TensorBoard histograms)
         self.denom = 1.0     # set per iteration: global loss tokens / (GAS * DP)
         self.lam = 1.0       # set per iteration: the IDFT schedule
@@ -27,12 +29,18 @@ class TrainLoss:
         self.sums = None
         self.phi, self.gamma = [], []  # this rank's loss tokens, with keep_tokens
 
-    def __call__(self, logits, labels):
+    def __call__(self, outputs, labels):
+        """outputs: the head's vocab-sharded logits, or (hidden, weight shard) for the fused loss."""
         targets, loss_mask = labels
         # Validation reports cross-entropy, the one number comparable across losses and runs.
         kind, denom = ("ce", 1.0) if self.evaluating else (self.kind, self.denom)
-        loss, stats, _, gamma = ddt_loss(logits, targets, loss_mask, kind, denom, self.tp_group,
-                                         self.vocab_size, self.lam, self.idft)
+        if isinstance(outputs, tuple):
+            hidden, weight = outputs
+            loss, stats, _, gamma = fused_ddt_loss(hidden, weight, targets, loss_mask, kind, denom, self.tp_group,
+                                                   self.vocab_size, self.lam, self.idft, self.chunk_size)
+        else:
+            loss, stats, _, gamma = ddt_loss(outputs, targets, loss_mask, kind, denom, self.tp_group,
+                                             self.vocab_size, self.lam, self.idft)
         self._record(stats, gamma, loss_mask)
         return loss
 

@@ -2,7 +2,9 @@
 
 Layer list: embedding, decoder layers, final norm, head. Between layers flows the tuple
 (hidden, position_ids[, segment_ids]); the final norm drops the ids and the head returns
-vocab-sharded logits, which the loss function reads on the last stage. With tied embeddings the
+vocab-sharded logits, which the loss function reads on the last stage, or with the fused loss
+(hidden, its vocab shard of the weight) for the loss to run the matmul chunk by chunk. Either way
+the hidden state passes `copy_to_tp` in the head, whose backward sums its gradient over TP once. With tied embeddings the
 embedding and the head are one `TiedLayerSpec`, so the first and last stages each hold a copy
 whose gradients DeepSpeed sums. Stages are balanced by decoder-layer count. P == 1 builds the
 same module (one stage), so there is only one layer list, one naming and one loader."""
@@ -48,16 +50,30 @@ def tied_head(embedding: EmbeddingPipe, hidden):
     return F.linear(copy_to_tp(hidden, embedding.tp_group), embedding.weight)
 
 
-def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn) -> PipelineModule:
+def fused_tied_head(embedding: EmbeddingPipe, hidden):
+    """tied_head for the fused loss: the matmul is left to the loss. The weight is the parameter
+    itself, so its gradient adds to the embedding's (and DeepSpeed sums the tied copies under PP)."""
+    return copy_to_tp(hidden, embedding.tp_group), embedding.weight
+
+
+class FusedLMHead(LMHead):
+    def forward(self, h):
+        return copy_to_tp(h, self.tp_group), self.weight
+
+
+def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: bool = False) -> PipelineModule:
+    """fused_loss: the head hands (hidden, weight) to loss_fn instead of logits."""
     if cfg.num_layers < topology.get_dim("pipe"):
         raise ParallelLayoutError(f"pipeline-model-parallel-size {topology.get_dim('pipe')} exceeds the model's "
                                   f"{cfg.num_layers} decoder layers")
     embed_args = (cfg.vocab_size, cfg.hidden_size, tp_group)
     if cfg.tie_word_embeddings:
         first = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, tied_weight_attr="weight")
-        head = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, forward_fn=tied_head, tied_weight_attr="weight")
+        head = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, forward_fn=fused_tied_head if fused_loss else tied_head,
+                             tied_weight_attr="weight")
     else:
-        first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(LMHead, cfg, tp_group)
+        first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(FusedLMHead if fused_loss else LMHead, cfg,
+                                                                       tp_group)
     specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i) for i in range(cfg.num_layers)),
              LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.rms_norm_eps), head]
     # no_grad: DeepSpeed broadcasts the tied weights in place at construction, which autograd

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""The loss path from final hidden states h [N, D] and the head weight W [V, D], forward + backward
+(gradients of h and W), one fresh subprocess per case so that each peak memory is its own:
+
+  naive     (a) the reference code's way: logits, softmax, log_softmax, entropy and cross-entropy
+                each over the full [N, V] logits, IDFT weights, autograd
+  unfused   (b) ours before fusion: F.linear, then ddt_loss (vocab-parallel stats + custom backward)
+  fused     (c) ours fused: ddt/fused.py, chunked over tokens, IDFT (fused-ce: plain CE)
+  torch-lce (d) torch.nn.functional.linear_cross_entropy with its chunked options (plain CE only)
+  floor     (e) the three matmuls alone: h @ W^T, then dh = G @ W and dW = G^T @ h
+
+Prints wall time and peak memory (CPU: peak RSS above the RSS once the inputs exist; GPU:
+torch.cuda.max_memory_allocated above the inputs) and the ratios measured side by side.
+
+    .venv/bin/python bench/bench_fused_loss.py [--tokens 2048 4096] [--vocab 49152 151936] [--dim 576]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_onpolicy.ddt import IDFTConfig, ddt_loss, fused_ddt_loss  # noqa: E402
+
+CASES = ("floor", "naive", "unfused", "fused", "fused-ce", "torch-lce")
+
+
+def naive(h, w, y, mask, denom, cfg=IDFTConfig()):
+    logits = h @ w.t()
+    probs = torch.softmax(logits, -1)
+    logprobs = torch.log_softmax(logits, -1)
+    entropy = -(probs * logprobs).sum(-1)
+    ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+    phi = (entropy - ce).detach()
+    gamma = torch.exp(-phi / cfg.beta).clamp(cfg.gamma_min, cfg.gamma_max)
+    weight = torch.exp(-gamma * ce.detach())
+    return (weight * ce * mask).sum() / denom
+
+
+def run_case(case, n, v, d, threads):
+    torch.set_num_threads(threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(n, d, device=dev, generator=g).requires_grad_()
+    w = (torch.randn(v, d, device=dev, generator=g) / d ** 0.5).requires_grad_()
+    mask = (torch.rand(n, device=dev, generator=g) < 0.9).float()
+    y = torch.randint(0, v, (n,), device=dev, generator=g).masked_fill(mask == 0, -100)
+    denom = float(mask.sum())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    if case == "floor":
+        with torch.no_grad():
+            z = h @ w.t()
+            dh, dw = z @ w, z.t() @ h
+    else:
+        if case == "naive":
+            loss = naive(h, w, y, mask, denom)
+        elif case == "unfused":
+            loss = ddt_loss(F.linear(h, w), y, mask, "idft", denom)[0]
+        elif case in ("fused", "fused-ce"):
+            loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom)[0]
+        elif case == "torch-lce":
+            loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=torch.nn.LinearCrossEntropyOptions()) / denom
+        loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024) - base
+    return {"seconds": seconds, "peak_gb": peak / 1e9, "device": str(dev)}
+
+
+def _status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
+    p.add_argument("--dim", type=int, nargs="+", default=[576])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.tokens[0], args.vocab[0], args.dim[0], args.threads)))
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, TP = 1, one process per case")
+    for d in args.dim:
+        for v in args.vocab:
+            for n in args.tokens:
+                res = {}
+                for case in args.cases:
+                    cmd = [sys.executable, __file__, "--case", case, "--tokens", str(n), "--vocab", str(v),
+                           "--dim", str(d), "--threads", str(args.threads)]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode:
+                        print(f"N={n} V={v} D={d} {case}: failed ({out.stderr.strip().splitlines()[-1:]})")
+                        continue
+                    res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"\nN={n} V={v} D={d} ({next(iter(res.values()))['device']})")
+                print(f"  {'case':10s} {'time s':>8s} {'x floor':>8s} {'peak GB':>8s} {'x naive':>8s}")
+                for case, r in res.items():
+                    floor = res.get("floor", r)["seconds"]
+                    mem = res.get("naive", r)["peak_gb"]
+                    print(f"  {case:10s} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {r['peak_gb']:8.2f} "
+                          f"{r['peak_gb'] / mem:8.3f}")
+                if "fused" in res and "fused-ce" in res:
+                    print(f"  fused IDFT / fused CE time: {res['fused']['seconds'] / res['fused-ce']['seconds']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

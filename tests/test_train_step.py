@@ -1,0 +1,147 @@
+"""What the trainer applies: one optimizer step of each objective (ce, dft, idft, eaft), fused and
+unfused, in several layouts (T, P, DP, gradient accumulation), tied and untied heads, compared
+weight by weight with a dense single-process step written independently of megatron_onpolicy.ddt:
+transformers' LlamaForCausalLM, the loss from log_softmax by hand, torch's AdamW.
+
+Adam's first step is lr * g / (|g| + eps): with eps far above every |g| it is lr / eps * g, linear
+in the gradient, so a wrongly scaled or weighted loss moves the weights differently (with the
+default eps it would be about lr * sign(g) and hide such errors). lr is set from the objective's
+mean token weight (p_y ** gamma is tiny on a random model) so that every step is well above fp32
+resolution. Clipping is kept out of the way.
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from megatron_onpolicy.data import collate, read_rows, tokenize_row
+from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
+
+ROWS = 4      # one global batch: the first iteration sees every row
+EPS = 1e4  # above every |g|: the update lr * g / (|g| + eps) is lr / eps * g
+# name: (processes, T, P, micro-batch, loss, fused, tied); global batch ROWS, DP = processes / (T * P)
+RUNS = {
+    "ce-1-fused": (0, 1, 1, 4, "ce", True, True),
+    "idft-gas4-fused": (0, 1, 1, 1, "idft", True, True),
+    "dft-gas2-unfused": (0, 1, 1, 2, "dft", False, True),
+    "eaft-tp2-fused": (2, 2, 1, 4, "eaft", True, True),
+    "idft-tp2-unfused-untied": (2, 2, 1, 2, "idft", False, False),
+    "idft-pp2-fused-untied": (2, 1, 2, 2, "idft", True, False),
+    "eaft-dp2-gas2-unfused": (2, 1, 1, 1, "eaft", False, True),
+    "dft-dp2-fused": (2, 1, 1, 2, "dft", True, True),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("step")
+    rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
+    (tmp / "train.jsonl").write_text("".join(rows[:ROWS]))
+    return SimpleNamespace(tmp=tmp, train=tmp / "train.jsonl",
+                           models={True: peaked(make_tiny_model(tmp / "tied", layers=2)),
+                                   False: peaked(make_tiny_model(tmp / "untied", layers=2, tied=False, seed=1))})
+
+
+def peaked(folder):
+    """Logits with a spread like a trained model's: at random init every p_y is about 1 / V, so the
+    dft / idft / eaft weights would be near constants and their gradients tiny."""
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4)
+    model.save_pretrained(folder)
+    return folder
+
+
+def train_one_step(s, name, lr):
+    n, tp, pp, micro, kind, fused, tied = RUNS[name]
+    out = s.tmp / name
+    result = launch(n, "--model", s.models[tied], "--train-data", s.train, "--seq-length", 256,
+                    "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+                    "--micro-batch-size", micro, "--global-batch-size", ROWS, "--train-iters", 1,
+                    "--loss", kind, *(() if fused else ("--no-fused-loss",)), "--loss-chunk-size", 37,
+                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9, "--lr-decay-style", "constant",
+                    "--save", out, "--export-hf", out / "hf",
+                    "--deepspeed_config", ROOT / "ds_configs" / "zero1_fp32.json",
+                    runner="torchrun")  # a free port of its own: other jobs may hold deepspeed's default
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return load_file(out / "hf" / "model.safetensors"), read_metrics(out)[0]
+
+
+def dense_step(folder, train, kind):
+    """The reference: every row in one batch, the mean over all loss tokens, one AdamW step.
+    -> (updated weights, loss, lr)"""
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    b = collate([tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(train))], 0)
+    logq = model(b["input_ids"]).logits.double().log_softmax(-1)  # right padding: real positions unaffected
+    logp = logq.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    with torch.no_grad():  # DESIGN.md section 2, the weights detached; beta 1, gamma in [0.1, 2], lam 1
+        w = {"ce": torch.ones_like(logp), "dft": logp.exp(),
+             "idft": logp.exp() ** torch.exp(-(logp + entropy)).clamp(0.1, 2.0),
+             "eaft": entropy / math.log(model.config.vocab_size)}[kind]
+    mask = b["loss_mask"].double()
+    loss = -(mask * w * logp).sum() / mask.sum()
+    loss.backward()
+    lr = 10 * EPS / float((mask * w).sum() / mask.sum())  # updates of about 10 x the CE gradient
+    torch.optim.AdamW(model.parameters(), lr=lr, eps=EPS, weight_decay=0.0).step()
+    return {k: v.detach() for k, v in model.state_dict().items()}, loss.item(), lr
+
+
+@pytest.fixture(scope="module")
+def steps(setup):
+    """name -> (exported weights, first metrics record, reference weights, reference loss), run on
+    first use; references are shared by the runs of the same loss and model."""
+    references, results = {}, {}
+
+    def get(name):
+        kind, tied = RUNS[name][4], RUNS[name][6]
+        if (kind, tied) not in references:
+            references[kind, tied] = dense_step(setup.models[tied], setup.train, kind)
+        if name not in results:
+            ref, ref_loss, lr = references[kind, tied]
+            results[name] = (*train_one_step(setup, name, lr), ref, ref_loss)
+        return results[name]
+    return get
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_one_step_updates_the_weights_like_the_dense_reference(setup, steps, name):
+    trained, metrics, ref, ref_loss = steps(name)
+    kind, tied = RUNS[name][4], RUNS[name][6]
+    start = load_file(setup.models[tied] / "model.safetensors")
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    keys = {k for k in ref if not (tied and k == "lm_head.weight")}
+    assert keys == set(trained), name
+    for key in sorted(keys):
+        moved, expected = trained[key] - start[key], ref[key] - start[key]
+        scale = float(expected.abs().max())
+        assert scale > 1e-3 * float(start[key].abs().max()), (name, key, scale)  # a step fp32 resolves
+        torch.testing.assert_close(moved, expected, rtol=0, atol=2e-3 * scale, msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.mark.parametrize("flags, error", [
+    (("--idft-beta", 0), "--idft-beta must be > 0, got 0.0"),
+    (("--idft-gamma-min", 2, "--idft-gamma-max", 1), "--idft-gamma-min 2.0 exceeds --idft-gamma-max 1.0"),
+    (("--loss-chunk-size", 0), "--loss-chunk-size must be >= 1, got 0"),
+])
+def test_bad_loss_flags_are_one_line_errors(flags, error):
+    result = launch(0, "--train-data", "x.jsonl", "--train-iters", 1, "--deepspeed_config", "x.json", *flags)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(error), result.stderr
+
+
+def test_fused_and_unfused_runs_train_alike(steps):
+    """Runs of the same objective and model, one fused and one not (in different layouts): the
+    same reported losses and the same updated weights."""
+    pairs = [("idft-pp2-fused-untied", "idft-tp2-unfused-untied"), ("eaft-tp2-fused", "eaft-dp2-gas2-unfused"),
+             ("dft-dp2-fused", "dft-gas2-unfused")]
+    for fused, unfused in pairs:
+        (a, ma, *_), (b, mb, *_) = steps(fused), steps(unfused)
+        for key in ("loss", "loss_ce", "loss_dft", "loss_idft", "loss_eaft", "phi_mean", "loss_tokens"):
+            assert ma[key] == pytest.approx(mb[key], rel=1e-5), (fused, key)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4 * float(b[key].abs().max()))
