@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .losses import IDFTConfig, token_weights, true_vocab_size
-from .stats import _MIN_SHIFTED_LOGIT, TokenStats, local_target_index, vocab_shard_range
+from .stats import TokenStats, local_target_index, vocab_shard_range
 
 # A chunk's fp32 logits take about this many bytes (the statistics pass holds two such buffers).
 CHUNK_BYTES = 256 << 20
@@ -59,7 +59,7 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
             r1 = min(r0 + rows, n)
             d = _fp32(h[r0:r1]) @ w.t()  # the chunk's fp32 logits
             m = d.amax(-1)
-            d.sub_(m.unsqueeze(-1)).clamp_(min=_MIN_SHIFTED_LOGIT)
+            d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
             e = torch.exp(d)
             part[0, r0:r1] = m
             part[1, r0:r1] = e.sum(-1)
