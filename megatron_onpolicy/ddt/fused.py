@@ -54,19 +54,21 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     part = torch.zeros(5, n, device=h.device)
     part[0] = float("-inf")
     if n_valid > 0:
-        rows = chunk_rows(n_valid, chunk_size)
+        rows = min(chunk_rows(n_valid, chunk_size), n)
+        # Two buffers for all chunks: fresh [rows, V/TP] allocations would each be page-faulted in anew.
+        d_buf, e_buf = (torch.empty(rows, n_valid, device=h.device) for _ in range(2))
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            d = _fp32(h[r0:r1]) @ w.t()  # the chunk's fp32 logits
+            d = torch.mm(_fp32(h[r0:r1]), w.t(), out=d_buf[:r1 - r0])  # the chunk's fp32 logits
             m = d.amax(-1)
             d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
-            e = torch.exp(d)
+            e = torch.exp(d, out=e_buf[:r1 - r0])
             part[0, r0:r1] = m
             part[1, r0:r1] = e.sum(-1)
             part[2, r0:r1] = e.mul_(d).sum(-1)
             part[3, r0:r1] = e.mul_(d).sum(-1)
             part[4, r0:r1] = d.gather(-1, index[r0:r1].unsqueeze(-1)).squeeze(-1)
-            del d, e
+        del d_buf, e_buf
     m_local, s0, s1, s2, zy = part.unbind(0)
 
     m = m_local.clone()
@@ -113,14 +115,16 @@ class _FusedWeightedCE(torch.autograd.Function):
         w = _fp32(weight[:n_valid])
         grad_h = torch.zeros(h.shape, device=h.device)       # fp32 accumulation of both gradients
         grad_w = torch.zeros(weight.shape, device=h.device)  # padded rows keep a zero gradient
-        for r0 in range(0, h.shape[0] if n_valid > 0 else 0, rows):
-            r1 = min(r0 + rows, h.shape[0])
+        n = h.shape[0] if n_valid > 0 else 0
+        g_buf = torch.empty(min(rows, n), n_valid, device=h.device)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
             hc = _fp32(h[r0:r1])
-            g = (hc @ w.t()).sub_(log_z[r0:r1].unsqueeze(-1)).exp_().mul_(scale[r0:r1].unsqueeze(-1))
+            g = torch.mm(hc, w.t(), out=g_buf[:r1 - r0])
+            g.sub_(log_z[r0:r1].unsqueeze(-1)).exp_().mul_(scale[r0:r1].unsqueeze(-1))
             g.scatter_add_(-1, index[r0:r1].unsqueeze(-1), -(scale[r0:r1] * owned[r0:r1]).unsqueeze(-1))
             torch.mm(g, w, out=grad_h[r0:r1])
             grad_w[:n_valid].addmm_(g.t(), hc)
-            del g
         return (grad_h.to(hidden.dtype).reshape(hidden.shape), grad_w.to(weight.dtype),
                 None, None, None, None, None, None, None)
 
