@@ -73,7 +73,8 @@ def run_case(case, n, v, d, threads):
         elif case in ("fused", "fused-ce"):
             loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom)[0]
         elif case == "torch-lce":
-            loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=torch.nn.LinearCrossEntropyOptions()) / denom
+            options = torch.nn.LinearCrossEntropyOptions()  # the chunked path, its own auto settings
+            loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=options) / denom
         loss.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()

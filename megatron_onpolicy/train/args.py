@@ -15,7 +15,8 @@ class TrainConfigError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain_idft", description="Train with ce / dft / idft / eaft under TP x PP x DP.")
+    p = argparse.ArgumentParser(prog="pretrain_idft",
+                                description="Train with ce / dft / idft / eaft under TP x PP x DP.")
     p.add_argument("--config", help="YAML file of the same keys as the flags (dashes or underscores)")
     cli.add_model_args(p)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)

@@ -55,7 +55,8 @@ class TrainLoss:
 
         phi = stats.phi
         # Every objective's value on the same tokens: training with one still shows the others.
-        per_kind = [total(token_weights(k, stats, self.lam, self.idft, self.vocab_size)[0] * -stats.logp) for k in LOSS_KINDS]
+        per_kind = [total(token_weights(k, stats, self.lam, self.idft, self.vocab_size)[0] * -stats.logp)
+                    for k in LOSS_KINDS]
         sums = torch.stack([*per_kind, keep.sum().float(), total(phi), total(phi * phi), total(gamma),
                             (keep & (phi < -1)).sum().float()]).double()
         self.sums = sums if self.sums is None else self.sums + sums

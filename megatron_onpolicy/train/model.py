@@ -4,10 +4,11 @@ Layer list: embedding, decoder layers, final norm, head. Between layers flows th
 (hidden, position_ids[, segment_ids]); the final norm drops the ids and the head returns
 vocab-sharded logits, which the loss function reads on the last stage, or with the fused loss
 (hidden, its vocab shard of the weight) for the loss to run the matmul chunk by chunk. Either way
-the hidden state passes `copy_to_tp` in the head, whose backward sums its gradient over TP once. With tied embeddings the
-embedding and the head are one `TiedLayerSpec`, so the first and last stages each hold a copy
-whose gradients DeepSpeed sums. Stages are balanced by decoder-layer count. P == 1 builds the
-same module (one stage), so there is only one layer list, one naming and one loader."""
+the hidden state passes `copy_to_tp` in the head, whose backward sums its gradient over TP once.
+With tied embeddings the embedding and the head are one `TiedLayerSpec`, so the first and last
+stages each hold a copy whose gradients DeepSpeed sums. Stages are balanced by decoder-layer
+count. P == 1 builds the same module (one stage), so there is only one layer list, one naming and
+one loader."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,8 +70,8 @@ def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: boo
     embed_args = (cfg.vocab_size, cfg.hidden_size, tp_group)
     if cfg.tie_word_embeddings:
         first = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, tied_weight_attr="weight")
-        head = TiedLayerSpec("embed", EmbeddingPipe, *embed_args, forward_fn=fused_tied_head if fused_loss else tied_head,
-                             tied_weight_attr="weight")
+        head = TiedLayerSpec("embed", EmbeddingPipe, *embed_args,
+                             forward_fn=fused_tied_head if fused_loss else tied_head, tied_weight_attr="weight")
     else:
         first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(FusedLMHead if fused_loss else LMHead, cfg,
                                                                        tp_group)
