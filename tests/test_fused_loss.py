@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_onpolicy.ddt import ddt_loss
-from megatron_onpolicy.ddt.fused import chunk_rows, fused_ddt_loss
+from megatron_onpolicy.ddt.fused import CHUNK_BYTES, chunk_rows, fused_ddt_loss
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
 from tests.dist_utils import run_distributed
@@ -119,7 +119,7 @@ def check_bf16(vocab, padded, group):
 
 def test_chunk_rows():
     assert chunk_rows(49152, 7) == 7
-    assert chunk_rows(49152) * 49152 * 4 <= 256 << 20 < (chunk_rows(49152) + 1) * 49152 * 4
+    assert chunk_rows(49152) * 49152 * 4 <= CHUNK_BYTES < (chunk_rows(49152) + 1) * 49152 * 4
     assert chunk_rows(1 << 40) == 1
 
 

@@ -22,7 +22,7 @@ from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
 # A chunk's fp32 logits take about this many bytes (the statistics pass holds two such buffers).
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 
 
 def chunk_rows(n_cols: int, chunk_size: int = None) -> int:
