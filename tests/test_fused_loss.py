@@ -98,6 +98,27 @@ def check_tied_embedding(vocab, padded, group):
     close(grads[1], grads[0], what=f"TP={tp} tied weight grad")
 
 
+def check_far_shards(group):
+    """One shard's logits ~300 below another's (its partial sums underflow to 0 against the
+    global max) while holding targets: their log p_y stays exact (about -300)."""
+    tp, rank = tp_info(group)
+    hidden, weight, targets, mask = make_case(40, 40, seed=3)
+    hidden[..., 0] = 1.0
+    weight[:, 0] = 0.0
+    weight[20:, 0] = -300.0  # the second half of the vocab (TP=2: rank 1's shard)
+    targets = torch.where(torch.arange(targets.numel()).view(targets.shape) % 2 == 0, targets % 20 + 20,
+                          targets).masked_fill(mask == 0, -100)
+    shard = weight.chunk(tp)[rank]
+    ref = run_path(False, hidden, shard, targets, mask, "ce", 1.0, group, 40)
+    got = run_path(True, hidden, shard, targets, mask, "ce", 1.0, group, 40, 4)
+    keep = mask.bool()
+    assert (ref[1].logp[keep] < -250).any()
+    close(got[1].logp[keep], ref[1].logp[keep], what="far shards logp")
+    close(got[0], ref[0], what="far shards loss")
+    close(got[2], ref[2], what="far shards hidden grad")
+    close(got[3], ref[3], what="far shards weight grad")
+
+
 def check_bf16(vocab, padded, group):
     """bf16 hidden and weight: fp32 accumulation inside, so each gradient is one bf16 rounding
     away from the fp32 computation on the same (bf16-valued) inputs."""
@@ -137,6 +158,7 @@ def _tp_worker(rank, world_size):
     check_bf16(37, 40, world)
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # TP=2 twice: group ranks, not global
     check_fused_matches_unfused(37, 40, pairs[rank // 2])
+    check_far_shards(pairs[rank // 2])
 
 
 def test_tp2_and_tp4():

@@ -54,7 +54,7 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     part = torch.zeros(5, n, device=h.device)
     part[0] = float("-inf")
     if n_valid > 0:
-        rows = min(chunk_rows(n_valid, chunk_size), n)
+        rows = min(chunk_rows(n_valid, chunk_size), max(n, 1))
         # Two buffers for all chunks: fresh [rows, V/TP] allocations would each be page-faulted in anew.
         d_buf, e_buf = (torch.empty(rows, n_valid, device=h.device) for _ in range(2))
         for r0 in range(0, n, rows):
@@ -74,15 +74,16 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     m = m_local.clone()
     if group is not None:
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
-    # A rank whose shard is empty or whose max underflows against m contributes nothing; where()
-    # rather than products keeps its -inf or huge delta from making 0 * inf = nan.
+    # A rank whose shard is empty or whose max underflows against m adds nothing to s0, s1, s2;
+    # where() rather than products keeps its -inf or huge delta from making 0 * inf = nan. The
+    # target's logit is exact whatever its rank's max (an owning rank has a finite one).
     delta = m_local - m
     a = torch.exp(delta)
     live = a > 0
-    delta = torch.where(live, delta, 0.0)
-    sums = torch.stack([a * s0, a * (s1 + delta * s0), a * (s2 + 2 * delta * s1 + delta * delta * s0),
-                        torch.where(owned, zy + delta, 0.0)], dim=-1)
-    sums = torch.where(live.unsqueeze(-1), sums, 0.0)
+    dl = torch.where(live, delta, 0.0)
+    moments = torch.stack([a * s0, a * (s1 + dl * s0), a * (s2 + 2 * dl * s1 + dl * dl * s0)], dim=-1)
+    sums = torch.cat([torch.where(live.unsqueeze(-1), moments, 0.0),
+                      torch.where(owned, zy + delta, 0.0).unsqueeze(-1)], dim=-1)
     if group is not None:
         torch.distributed.all_reduce(sums, group=group)
     s0, s1, s2, zy = sums.unbind(-1)
