@@ -1,8 +1,9 @@
 """Rows (JSONL, Parquet, datasets folder) -> an indexed dataset (indexed.py), streaming.
 
 The main process reads the source in chunks of rows (JSONL lines, Parquet batches, dataset
-slices), workers tokenize the chunks (Pool.imap: results come back in input order), and the main
-process appends them to temporary files: the .bin records and one file per index column. Memory
+slices), workers tokenize them (a bounded number of chunks in flight, results taken in input
+order), and the main process appends them to temporary files: the .bin records and one file per
+index column. Memory
 stays bounded by the chunks in flight and the packing window, whatever the source's size; the
 output depends only on the input and the settings, not on the number of workers. The files get
 their final names only once complete (.bin, then .idx, then the .json sidecar last)."""
@@ -12,6 +13,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections import deque
 from dataclasses import asdict, dataclass
 from itertools import islice
 from multiprocessing import get_context
@@ -168,7 +170,14 @@ def _map(chunks, args, workers: int):
         return
     # spawn: a fork of a process holding a tokenizer's threads (or torch's) can deadlock.
     with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
-        yield from pool.imap(_tokenize_chunk, chunks)
+        # At most 2 chunks per worker in flight (Pool.imap would queue the whole source), taken in order.
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 _WORKER = {}

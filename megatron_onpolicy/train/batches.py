@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import cli
 from ..cli import device
-from ..data import DataError, collate, collate_packed
+from ..data import DataError, collate, collate_packed, shard_indices
 from ..data.blend import choose, parse_blend, permutation
 from ..data.indexed import VERSION, IndexedDataset, is_indexed, paths
 from ..data.preprocess import Settings, check_tokenizer, preprocess, tokenizer_identity
@@ -190,7 +190,7 @@ def to_micro_batch(items, packed: bool):
 def valid_micro_batches(part: Part, micro: int, dp: int, dp_rank: int) -> list:
     """This DP rank's share of the validation samples, m at a time; a rank left without any gets
     one batch with an empty loss mask, so that every rank takes part in the collectives."""
-    mine = range(dp_rank, part.items, dp)
+    mine = shard_indices(part.items, dp_rank, dp)
     batches = [to_micro_batch([part.item(j) for j in mine[i:i + micro]], False) for i in range(0, len(mine), micro)]
     if not batches:
         inputs, (targets, mask) = to_micro_batch([part.item(0)], False)
