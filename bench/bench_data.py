@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The data path at scale, side by side in one run, on a generated set of ~200-token rows:
 
-- tools/preprocess_data.py's throughput (rows/s) at 1 and 2 workers;
+- tools/preprocess_data.py's throughput (rows/s) at 1 and 2 workers, on OLD_BIG rows;
 - the trainer's start-up (process start -> first iteration recorded) and peak RSS of its one rank
   on an indexed dataset of SMALL and BIG rows, and the same for the raw-file path of the code
   before indexed datasets (`--old-commit`, taken with `git archive`) at SMALL and OLD_BIG rows.
 
-The BIG dataset is the SMALL one's tokenized chunks written BIG/SMALL times through the
+The BIG dataset is the OLD_BIG one's tokenized chunks written BIG/OLD_BIG times through the
 preprocessor's own writer (tokenizing 1 M rows takes most of an hour on 2 shared cores; the
 writer, the index and everything the trainer reads are the real thing). The model is the tests'
 tiny random Llama with the SmolLM2 tokenizer, so start-up is dominated by the data path.
@@ -48,9 +48,9 @@ def generate(path: Path, n: int) -> None:
             f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
 
 
-def tile(small: str, big: str, times: int) -> None:
-    """BIG = SMALL's samples `times` times over, through the preprocessor's writer."""
-    ds = IndexedDataset(small)
+def tile(src: str, big: str, times: int) -> None:
+    """BIG = SRC's samples `times` times over, through the preprocessor's writer."""
+    ds = IndexedDataset(src)
     tmp = Path(big + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -120,24 +120,25 @@ def main():
             generate(w / f"rows{n}.jsonl", n)
 
     results = []
-    for workers in (1, 2):
+    for workers in (1, 2):  # throughput on the OLD_BIG file, so that the pool's start-up is amortized
         t0 = time.perf_counter()
-        meta = preprocess(w / f"rows{args.small}.jsonl", w / f"small-w{workers}", model, Settings(), workers,
+        meta = preprocess(w / f"rows{args.old_big}.jsonl", w / f"mid-w{workers}", model, Settings(), workers,
                           progress=False)
         seconds = time.perf_counter() - t0
-        results.append(f"preprocess {args.small} rows ({meta['tokens'] / args.small:.0f} tokens/row), "
-                       f"{workers} worker(s): {args.small / seconds:.0f} rows/s ({seconds:.1f} s)")
+        results.append(f"preprocess {args.old_big} rows ({meta['tokens'] / args.old_big:.0f} tokens/row), "
+                       f"{workers} worker(s): {args.old_big / seconds:.0f} rows/s ({seconds:.1f} s)")
         print(results[-1], flush=True)
-    assert paths(w / "small-w1")[0].read_bytes() == paths(w / "small-w2")[0].read_bytes()
+    assert all(paths(w / "mid-w1")[i].read_bytes() == paths(w / "mid-w2")[i].read_bytes() for i in range(3))
+    preprocess(w / f"rows{args.small}.jsonl", w / "small", model, Settings(), 1, progress=False)
     t0 = time.perf_counter()
-    tile(str(w / "small-w1"), str(w / "big"), args.big // args.small)
+    tile(str(w / "mid-w1"), str(w / "big"), args.big // args.old_big)
     print(f"(BIG written by tiling in {time.perf_counter() - t0:.1f} s; .idx "
           f"{paths(w / 'big')[1].stat().st_size / 2**20:.1f} MiB, .bin {paths(w / 'big')[0].stat().st_size / 2**20:.0f}"
           f" MiB)", flush=True)
 
-    startup(ROOT, model, str(w / "small-w1"), w / "run")  # warm-up: page cache, JIT-built extensions
+    startup(ROOT, model, str(w / "small"), w / "run")  # warm-up: page cache, JIT-built extensions
     for label, root, data in (
-            (f"indexed, {args.small} rows", ROOT, w / "small-w1"),
+            (f"indexed, {args.small} rows", ROOT, w / "small"),
             (f"indexed, {args.big} rows", ROOT, w / "big"),
             (f"old raw-file path, {args.small} rows", old, w / f"rows{args.small}.jsonl"),
             (f"old raw-file path, {args.old_big} rows", old, w / f"rows{args.old_big}.jsonl")):

@@ -35,5 +35,8 @@ def choose(weights: np.ndarray, drawn) -> int:
 
 
 def permutation(n: int, seed: int, part: int, epoch: int) -> np.ndarray:
-    """The order of part `part`'s n items in epoch `epoch`: the same on every rank."""
-    return np.random.default_rng([seed, part, epoch]).permutation(n)
+    """The order of part `part`'s n items in epoch `epoch`: the same on every rank. int32 while
+    it fits: at 10 M items, 40 MB per rank instead of 80."""
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    np.random.default_rng([seed, part, epoch]).shuffle(order)
+    return order
