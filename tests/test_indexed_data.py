@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from megatron_onpolicy.data import collate, read_rows, tokenize_row
+from megatron_onpolicy.data import DataError, collate, read_rows, tokenize_row
 from megatron_onpolicy.data.indexed import IndexedDataset
 from megatron_onpolicy.data.preprocess import Settings, preprocess
 from megatron_onpolicy.model.loader import load_tokenizer
@@ -191,16 +191,16 @@ def test_bad_files_fail_with_one_line_naming_the_file(setup, tmp_path):
         "foreign": (train_cmd + ["--train-data", str(tmp_path / "foreign")], "foreign.json: made with tokenizer"),
         "short": (train_cmd + ["--train-data", str(tmp_path / "short")], "short.bin: "),
         "corrupt": (train_cmd + ["--train-data", str(tmp_path / "corrupt")], "corrupt.idx: corrupt"),
-        "bad": ([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "bad.jsonl"),
-                 "--output-prefix", str(tmp_path / "bad"), "--model", str(s.model), "--workers", "2"],
-                "bad.jsonl:3: field 'response' must be a string"),
     }
-    procs = {name: subprocess.Popen(cmd + (["--save", str(tmp_path / f"{name}-out")] if "pretrain" in cmd[1] else []),
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {name: subprocess.Popen(cmd + ["--save", str(tmp_path / f"{name}-out")], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (cmd, _) in cases.items()}
+    # a bad row: its file and line (the blank line 2 counted), and no output files, not even partial ones
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'response' must be a string"):
+        preprocess(tmp_path / "bad.jsonl", tmp_path / "bad", s.model, Settings(), workers=1, progress=False)
     for name, p in procs.items():
         _, err = p.communicate(timeout=300)
         errors = [line for line in err.splitlines() if ": error: " in line]
         assert p.returncode == 2 and len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
         assert not (tmp_path / f"{name}-out").exists(), name
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == ["bad.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.jsonl"]
