@@ -45,8 +45,10 @@ def train(args) -> None:
     total = batches.total_iters()
     writer = dist.get_rank() == writer_rank()
     if writer:
-        for weight, part in train_data + ([(1.0, valid_data)] if valid_data else []):
+        for weight, part in train_data:
             print(part.describe() + (f", weight {weight:.4g}" if len(train_data) > 1 else ""), flush=True)
+        if valid_data:
+            print(valid_data.describe(), flush=True)
 
     # Model and engine.
     loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size,
@@ -58,7 +60,8 @@ def train(args) -> None:
     engine = make_engine(pipe, ds_config, optimizer, make_scheduler(optimizer, args, total))
     meta = {"model": model_name(args.model), "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
             "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
-            "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack, "seq_length": args.seq_length,
+            "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack,
+            "seq_length": args.seq_length,
             "bf16": bool(ds_config.get("bf16", {}).get("enabled"))}
     start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, batches.start())
 
