@@ -97,6 +97,20 @@ def startup(root: Path, model: Path, data: str, out: Path) -> tuple[float, float
     return first or time.perf_counter() - start, peak / 1024
 
 
+def data_startup(prefix: Path, tokenizer) -> float:
+    """Seconds to open an indexed dataset as the trainer does (checks, --seq-length, the epoch's
+    order) and build one rank's first batch: the data path's share of the start-up."""
+    from types import SimpleNamespace
+
+    from megatron_onpolicy.train.batches import TrainBatches, load_parts
+    args = SimpleNamespace(seq_length=512, overlong="truncate", pack=False, seed=1234, train_iters=1, epochs=None)
+    t0 = time.perf_counter()
+    parts = load_parts([str(prefix)], "--train-data", tokenizer, None, args, False)
+    batches = TrainBatches(parts, args, 1, 0, None, 1, 8)
+    batches.next(batches.start())
+    return time.perf_counter() - t0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", type=int, default=10_000)
@@ -136,6 +150,12 @@ def main():
           f"{paths(w / 'big')[1].stat().st_size / 2**20:.1f} MiB, .bin {paths(w / 'big')[0].stat().st_size / 2**20:.0f}"
           f" MiB)", flush=True)
 
+    from megatron_onpolicy.model.loader import load_tokenizer
+    tokenizer = load_tokenizer(model)
+    for n, prefix in ((args.small, w / "small"), (args.big, w / "big")):
+        results.append(f"data path alone (open, checks, order, first batch of 8), indexed, {n} rows: "
+                       f"{data_startup(prefix, tokenizer) * 1000:.0f} ms")
+        print(results[-1], flush=True)
     startup(ROOT, model, str(w / "small"), w / "run")  # warm-up: page cache, JIT-built extensions
     for label, root, data in (
             (f"indexed, {args.small} rows", ROOT, w / "small"),

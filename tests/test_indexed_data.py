@@ -204,3 +204,23 @@ def test_bad_files_fail_with_one_line_naming_the_file(setup, tmp_path):
         assert p.returncode == 2 and len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
         assert not (tmp_path / f"{name}-out").exists(), name
     assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.jsonl"]
+
+
+def test_parquet_and_datasets_folder_stream_to_the_same_bytes(setup, tmp_path, monkeypatch):
+    """Row groups / dataset slices smaller than the file, so that streaming crosses their borders."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_onpolicy.data import preprocess as pre
+    monkeypatch.setattr(pre, "CHUNK", 5)
+    s = setup
+    rows = [r.data for r in read_rows(s.tmp / "a.jsonl")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=3)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "a_ds"))
+    for name, source in (("jsonl", s.tmp / "a.jsonl"), ("parquet", tmp_path / "a.parquet"), ("ds", tmp_path / "a_ds")):
+        preprocess(source, tmp_path / name, s.model, Settings(seq_length=L, pack=True), workers=1, progress=False)
+    for name in ("parquet", "ds"):
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"{name}.{ext}").read_bytes() == (tmp_path / f"jsonl.{ext}").read_bytes(), (name, ext)
+    assert json.loads((tmp_path / "ds.json").read_text())["source"]["rows"] == 16
