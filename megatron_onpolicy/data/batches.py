@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .packing import FirstFit
 from .tokenization import Sample
 
 IGNORE = -100
@@ -54,23 +55,26 @@ class Packed:
     indices: list[int]       # row indices of the samples inside, in order
 
 
-def pack(samples: list[Sample], seq_length: int) -> list[Packed]:
-    """Greedy first-fit in order: each sample goes into the first pack with room for it."""
-    packs = []
-    for s in samples:
-        n = len(s.input_ids)
-        if n > seq_length:
-            raise ValueError(f"row {s.index}: {n} tokens > seq_length {seq_length} (fit_length first)")
-        p = next((p for p in packs if len(p.input_ids) + n <= seq_length), None)
-        if p is None:
-            p = Packed([], [], [], [], [])
-            packs.append(p)
-        p.segment_ids += [len(p.indices) + 1] * n
+def pack(samples: list[Sample], seq_length: int, window: int = 64) -> list[Packed]:
+    """Samples -> packs by bounded first-fit (packing.FirstFit), in the order the packs close."""
+    fit, layout = FirstFit(seq_length, window), []
+    for j, s in enumerate(samples):
+        if len(s.input_ids) > seq_length:
+            raise ValueError(f"row {s.index}: {len(s.input_ids)} tokens > seq_length {seq_length} (fit_length first)")
+        layout += fit.add(j, len(s.input_ids))
+    return [concat([samples[j] for j in ids]) for ids in layout + fit.finish()]
+
+
+def concat(samples: list[Sample]) -> Packed:
+    """Samples one after another in one row, positions restarting at 0 for each."""
+    p = Packed([], [], [], [], [])
+    for k, s in enumerate(samples, 1):
+        p.segment_ids += [k] * len(s.input_ids)
         p.input_ids += s.input_ids
         p.loss_mask += s.loss_mask
-        p.position_ids += range(n)
+        p.position_ids += range(len(s.input_ids))
         p.indices.append(s.index)
-    return packs
+    return p
 
 
 def collate_packed(packs: list[Packed], pad_id: int, seq_length: int | None = None) -> dict:

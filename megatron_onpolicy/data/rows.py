@@ -34,22 +34,22 @@ def read_rows(path) -> list[Row]:
 
 
 def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
     # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(Row(obj, f"{path}:{lineno}"))
-    return rows
+        return [parse_jsonl_line(path, lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+
+
+def parse_jsonl_line(path, lineno: int, line: bytes) -> Row:
+    """One non-blank JSONL line (bytes) -> Row, or the DataError naming its file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return Row(obj, f"{path}:{lineno}")
 
 
 def _read_parquet(path: Path) -> list[Row]:
@@ -57,11 +57,20 @@ def _read_parquet(path: Path) -> list[Row]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a corrupt or foreign file
-        raise DataError(f"{path}: cannot read Parquet ({_one_line(e)})") from None
+        raise parquet_error(path, e) from None
     return [Row(obj, f"{path}:row {i}") for i, obj in enumerate(table.to_pylist())]
 
 
 def _read_datasets_folder(path: Path) -> list[Row]:
+    return [Row(obj, f"{path}:row {i}") for i, obj in enumerate(open_datasets_folder(path).to_list())]
+
+
+def parquet_error(path, e: Exception) -> DataError:
+    return DataError(f"{path}: cannot read Parquet ({_one_line(e)})")
+
+
+def open_datasets_folder(path: Path):
+    """The `datasets.Dataset` of a save_to_disk folder (its 'train' split, or its only one)."""
     import datasets  # imported here: it is slow to import and only this format needs it
     try:
         ds = datasets.load_from_disk(str(path))
@@ -74,7 +83,7 @@ def _read_datasets_folder(path: Path) -> list[Row]:
             ds = next(iter(ds.values()))
         else:
             raise DataError(f"{path}: several splits {sorted(ds)} and none is 'train'")
-    return [Row(obj, f"{path}:row {i}") for i, obj in enumerate(ds.to_list())]
+    return ds
 
 
 def _one_line(e: Exception) -> str:

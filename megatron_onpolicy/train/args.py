@@ -6,6 +6,8 @@ from pathlib import Path
 import yaml
 
 from .. import cli
+from ..data import DataError
+from ..data.blend import parse_blend
 from ..ddt import LOSS_KINDS, IDFTConfig
 
 
@@ -22,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
 
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="JSONL, Parquet or a datasets folder (required)")
-    g.add_argument("--valid-data")
+    g.add_argument("--train-data", nargs="+", metavar="[WEIGHT] PATH",
+                   help="an indexed dataset PREFIX (tools/preprocess_data.py), or JSONL, Parquet or a datasets "
+                        "folder (preprocessed into the cache once); a blend: W1 PATH1 W2 PATH2 ... (required)")
+    g.add_argument("--valid-data", help="as --train-data, one PATH")
     g.add_argument("--prompt-key", default="prompt")
     g.add_argument("--response-key", default="response")
     g.add_argument("--seq-length", type=int, default=2048)
@@ -85,6 +89,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} is required (on the command line or in --config)")
     if (args.train_iters is None) == (args.epochs is None):
         p.error("give exactly one of --train-iters and --epochs")
+    if isinstance(args.train_data, str):  # from --config
+        args.train_data = [args.train_data]
+    args.train_data = [str(v) for v in args.train_data]
+    try:
+        blend = parse_blend(args.train_data, "--train-data")
+    except DataError as e:
+        p.error(str(e))
+    if len(blend) > 1 and args.epochs:
+        p.error("--epochs needs one --train-data PATH; a blend is sized by --train-iters")
     for dest in ("train_iters", "epochs", "seq_length", "micro_batch_size", "global_batch_size",
                  "save_interval", "eval_interval", "exit_interval", "keep_last", "loss_chunk_size"):
         value = getattr(args, dest)

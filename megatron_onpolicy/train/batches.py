@@ -1,84 +1,173 @@
 """What each rank feeds the engine per iteration.
 
-Every rank tokenizes the whole file (cheap next to training, and it needs no communication to
-agree on which rows survive). An epoch is the kept samples in `epoch_order(seed, epoch)`, packed
-into rows of --seq-length with --pack; iteration k of an epoch takes items [k*g, (k+1)*g) (a
-short tail is skipped), DP rank r the items r, r+DP, ... of those, cut into GAS micro-batches of
-m. The global batch is therefore the same set of samples whatever T, P, DP and m are, and the
-position (epoch, offset) is all a checkpoint needs to resume the same data order."""
-from dataclasses import dataclass
+The data are indexed datasets (data/indexed.py), memory-mapped: a raw file given to --train-data
+is preprocessed once into the cache (data/preprocess.py) and read the same way, so there is one
+data path. A part's items are its samples fitted to --seq-length, or with --pack the packs its
+index records. Iteration k draws the global batch's g items: from one part, items [k*g, (k+1)*g)
+of the epoch's seeded permutation (a short tail is skipped); from a blend, each item from the part
+blend.choose picks, the next one in that part's own permutation (its epochs wrap). DP rank r takes
+items r, r+DP, ... of those, cut into GAS micro-batches of m, and reads only them. The global
+batch is therefore the same whatever T, P, DP and m are, and the counts drawn from each part are
+all a checkpoint needs to resume the same data order."""
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import cli
 from ..cli import device
-from ..data import (DataError, collate, collate_packed, epoch_order, fit_length, pack, read_rows, shard_indices,
-                    tokenize_row)
+from ..data import DataError, collate, collate_packed, shard_indices
+from ..data.blend import choose, parse_blend, permutation
+from ..data.indexed import VERSION, IndexedDataset, is_indexed, paths
+from ..data.preprocess import Settings, check_tokenizer, preprocess, tokenizer_identity
+from ..model.hub import cache_dir
+
+RAW_WORKERS_ABOVE = 64 << 20  # a raw file larger than this is tokenized by a pool of workers
 
 
-@dataclass
-class Samples:
-    samples: list   # data.Sample, fitted to seq_length, in input order
-    rows: int
-    truncated: int
-    dropped: int
+class Part:
+    """One dataset as training sees it: its items (samples fitted to --seq-length, or packs)."""
 
-    def describe(self, path) -> str:
-        return (f"{path}: {self.rows} rows -> {len(self.samples)} samples "
-                f"({self.truncated} truncated, {self.dropped} dropped as longer than --seq-length)")
+    def __init__(self, path: str, ds: IndexedDataset, args, pack: bool):
+        self.path, self.ds, self.pack = path, ds, pack
+        meta, L, mode = ds.meta, args.seq_length, args.overlong
+        self.rows = meta["source"]["rows"]
+        if meta["seq_length"]:  # fitted when preprocessed: the run must use the same fit
+            if (meta["seq_length"], meta["overlong"]) != (L, mode):
+                raise DataError(f"{path}: preprocessed for --seq-length {meta['seq_length']} --overlong "
+                                f"{meta['overlong']}, but this run has --seq-length {L} --overlong {mode}")
+            self.kept, self.limit = None, None
+            self.truncated, self.dropped = meta["truncated"], meta["dropped"]
+        else:  # fitted now, in numpy over the index (the first target of a sample is at prompt_len)
+            keep = ds.lengths <= L if mode == "drop" else ds.prompt_lens < L
+            n_kept = int(np.count_nonzero(keep))
+            self.kept = None if n_kept == len(ds) else np.flatnonzero(keep)
+            self.limit = L
+            self.truncated = int(np.count_nonzero(keep & (ds.lengths > L)))
+            self.dropped = meta["dropped"] + len(ds) - n_kept
+        self.samples = self.rows - self.dropped
+        if self.samples == 0:
+            raise DataError(f"{path}: all {self.rows} rows are longer than --seq-length {L} "
+                            f"(--overlong {mode} leaves no response token)")
+        if pack and not ds.packs:
+            raise DataError(f"{path}: has no pack layout (preprocess it with --seq-length {L} --pack)")
+        self.items = ds.packs if pack else self.samples
+
+    def item(self, j: int):
+        """data.Sample j (data.Packed with --pack), read from the mapped files."""
+        if self.pack:
+            return self.ds.pack(j)
+        return self.ds.sample(j if self.kept is None else int(self.kept[j]), self.limit)
+
+    def describe(self) -> str:
+        packs = f", {self.items} packs" if self.pack else ""
+        return (f"{self.path}: {self.rows} rows -> {self.samples} samples ({self.truncated} truncated, "
+                f"{self.dropped} dropped as longer than --seq-length){packs}")
 
 
-def load_samples(path, tokenizer, args) -> Samples:
-    rows = read_rows(path)
-    kept, truncated = [], 0
-    for i, row in enumerate(rows):
-        sample = tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
-        fitted = fit_length(sample, args.seq_length, args.overlong)
-        if fitted is not None:
-            truncated += fitted is not sample
-            kept.append(fitted)
-    if not kept:
-        raise DataError(f"{path}: all {len(rows)} rows are longer than --seq-length {args.seq_length} "
-                        f"(--overlong {args.overlong} leaves no response token)")
-    return Samples(kept, len(rows), truncated, len(rows) - len(kept))
+def load_parts(values: list[str], flag: str, tokenizer, tokenizer_folder, args, pack: bool) -> list[tuple]:
+    """--train-data / --valid-data values -> [(weight, Part)]. Every rank opens the same files."""
+    out = []
+    for weight, path in parse_blend(values, flag):
+        if is_indexed(path):
+            ds = IndexedDataset(path)
+            check_tokenizer(ds.meta, tokenizer, paths(path)[2])
+        else:
+            ds = IndexedDataset(cached(path, tokenizer, tokenizer_folder, args))
+        out.append((weight, Part(path, ds, args, pack)))
+    return out
+
+
+def cached(path, tokenizer, tokenizer_folder, args) -> str:
+    """A raw file's indexed dataset in the cache, keyed by the file (path, size, mtime), the
+    tokenizer and the settings. Local rank 0 of each node writes it (atomically: a crash leaves
+    nothing that reads as complete), every rank waits for it; an error in the data is raised on
+    every rank."""
+    src = Path(path)
+    if not src.exists():
+        raise DataError(f"{src}: no such file or folder")
+    settings = Settings(args.prompt_key, args.response_key, args.seq_length, args.overlong, args.pack)
+    files = sorted(src.rglob("*")) if src.is_dir() else [src]
+    stamp = [(str(f.relative_to(src)) if src.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns)
+             for f in files if f.is_file()]
+    ident = tokenizer_identity(tokenizer)
+    key = json.dumps([str(src.resolve()), stamp, ident["hash"], ident["chat_template_sha256"],
+                      settings.__dict__, VERSION])
+    prefix = data_cache_dir() / f"{src.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not paths(prefix)[2].is_file():
+        workers = os.cpu_count() if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
+        try:
+            preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
+        except DataError as e:
+            error = str(e)
+    error = cli.first_error(error)  # also the barrier: the cache is complete once every rank is past it
+    if error:
+        raise DataError(error)
+    return str(prefix)
+
+
+def data_cache_dir() -> Path:
+    return Path(os.environ.get("MEGATRON_ONPOLICY_DATA_CACHE", cache_dir() / "data"))
 
 
 @dataclass
 class Position:
-    epoch: int = 0
-    offset: int = 0  # items of this epoch already consumed
+    drawn: list = field(default_factory=list)  # items consumed from each part so far (all epochs)
 
 
 class TrainBatches:
-    def __init__(self, data: Samples, args, dp: int, dp_rank: int, dp_group, gas: int, global_batch: int):
-        self.data, self.args = data, args
-        self.dp, self.dp_rank, self.dp_group = dp, dp_rank, dp_group
+    def __init__(self, parts: list[tuple], args, dp: int, dp_rank: int, dp_group, gas: int, global_batch: int):
+        self.parts = [p for _, p in parts]
+        self.weights = np.array([w for w, _ in parts])
+        self.args, self.dp, self.dp_rank, self.dp_group = args, dp, dp_rank, dp_group
         self.gas, self.global_batch = gas, global_batch
-        self._epoch, self._items = None, None
-        if self.iters_in_epoch(0) == 0:
-            what = "packed rows" if args.pack else "samples"
-            raise DataError(f"{args.train_data}: {len(self.items(0))} {what} < global batch size {global_batch}")
+        self._orders = {}  # part -> (epoch, its permutation): one epoch's order per part at a time
+        if len(self.parts) == 1:
+            # One part: epochs of whole global batches, the tail skipped, as --epochs counts them.
+            part = self.parts[0]
+            self.epoch_items = [part.items // global_batch * global_batch]
+            if self.epoch_items[0] == 0:
+                what = "packed rows" if args.pack else "samples"
+                raise DataError(f"{part.path}: {part.items} {what} < global batch size {global_batch}")
+        else:
+            self.epoch_items = [p.items for p in self.parts]
 
-    def items(self, epoch: int) -> list:
-        if self._epoch != epoch:  # one epoch's order (and packing) is kept at a time
-            order = [self.data.samples[i] for i in epoch_order(len(self.data.samples), self.args.seed, epoch)]
-            self._epoch, self._items = epoch, pack(order, self.args.seq_length) if self.args.pack else order
-        return self._items
-
-    def iters_in_epoch(self, epoch: int) -> int:
-        return len(self.items(epoch)) // self.global_batch
+    def start(self) -> Position:
+        return Position([0] * len(self.parts))
 
     def total_iters(self) -> int:
         if self.args.train_iters:
             return self.args.train_iters
-        return sum(self.iters_in_epoch(e) for e in range(self.args.epochs))
+        return self.args.epochs * self.epoch_items[0] // self.global_batch
+
+    def where(self, pos: Position) -> dict:
+        """The position for the metrics: epoch and items into it (for a blend: passes over the
+        sum of its parts' items)."""
+        epoch, offset = divmod(sum(pos.drawn), sum(self.epoch_items))
+        return {"epoch": epoch, "epoch_position": offset}
+
+    def draws(self, pos: Position) -> tuple[list, Position]:
+        """The global batch's (part, item) pairs from `pos`, and the position after it."""
+        drawn, picks = list(pos.drawn), []
+        for _ in range(self.global_batch):
+            d = choose(self.weights, drawn) if len(self.parts) > 1 else 0
+            epoch, k = divmod(drawn[d], self.epoch_items[d])
+            if self._orders.get(d, (None,))[0] != epoch:
+                self._orders[d] = (epoch, permutation(self.parts[d].items, self.args.seed, d, epoch))
+            picks.append((d, int(self._orders[d][1][k])))
+            drawn[d] += 1
+        return picks, Position(drawn)
 
     def next(self, pos: Position):
         """-> (micro-batches of this rank, global counts {loss_tokens, tokens}, position after)."""
-        while pos.offset + self.global_batch > len(self.items(pos.epoch)):  # the epoch's tail is skipped
-            pos = Position(pos.epoch + 1, 0)
-        items = self.items(pos.epoch)[pos.offset:pos.offset + self.global_batch]
-        mine = [items[i] for i in shard_indices(len(items), self.dp_rank, self.dp)]
+        picks, after = self.draws(pos)
+        mine = [self.parts[d].item(j) for d, j in picks[self.dp_rank::self.dp]]
         m = len(mine) // self.gas
         micro = [to_micro_batch(mine[i * m:(i + 1) * m], self.args.pack) for i in range(self.gas)]
         # One all-reduce over DP gives the global batch's token counts (the loss denominator).
@@ -86,8 +175,7 @@ class TrainBatches:
                                sum(len(item.input_ids) for item in mine)], dtype=torch.float64, device=device())
         if self.dp > 1:
             dist.all_reduce(counts, group=self.dp_group)
-        return micro, {"loss_tokens": counts[0].item(), "tokens": counts[1].item()}, \
-            Position(pos.epoch, pos.offset + self.global_batch)
+        return micro, {"loss_tokens": counts[0].item(), "tokens": counts[1].item()}, after
 
 
 def to_micro_batch(items, packed: bool):
@@ -99,12 +187,12 @@ def to_micro_batch(items, packed: bool):
     return inputs, (b["targets"], b["loss_mask"])
 
 
-def valid_micro_batches(data: Samples, micro: int, dp: int, dp_rank: int) -> list:
+def valid_micro_batches(part: Part, micro: int, dp: int, dp_rank: int) -> list:
     """This DP rank's share of the validation samples, m at a time; a rank left without any gets
     one batch with an empty loss mask, so that every rank takes part in the collectives."""
-    mine = [data.samples[i] for i in shard_indices(len(data.samples), dp_rank, dp)]
-    batches = [to_micro_batch(mine[i:i + micro], False) for i in range(0, len(mine), micro)]
+    mine = shard_indices(part.items, dp_rank, dp)
+    batches = [to_micro_batch([part.item(j) for j in mine[i:i + micro]], False) for i in range(0, len(mine), micro)]
     if not batches:
-        inputs, (targets, mask) = to_micro_batch(data.samples[:1], False)
+        inputs, (targets, mask) = to_micro_batch([part.item(0)], False)
         batches = [(inputs, (targets, torch.zeros_like(mask)))]
     return batches

@@ -14,7 +14,7 @@ from ..model.loader import load_arch, load_tokenizer
 from ..parallel import state
 from . import checkpoint
 from .args import idft_config
-from .batches import Position, TrainBatches, load_samples, valid_micro_batches
+from .batches import TrainBatches, load_parts, valid_micro_batches
 from .ds_config import build_ds_config
 from .engine import forward_only, make_engine, pipeline_module, train_step
 from .export import export_hf
@@ -34,19 +34,21 @@ def train(args) -> None:
         checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
     torch.manual_seed(args.seed)
 
-    # Data: every rank tokenizes everything (see batches.py); errors are the same on every rank.
+    # Data: memory-mapped indexed datasets (see batches.py); errors are the same on every rank.
     tokenizer = load_tokenizer(folder)
-    train_data = load_samples(args.train_data, tokenizer, args)
-    valid_data = load_samples(args.valid_data, tokenizer, args) if args.valid_data else None
+    train_data = load_parts(args.train_data, "--train-data", tokenizer, folder, args, args.pack)
+    valid_data = load_parts([args.valid_data], "--valid-data", tokenizer, folder, args, False)[0][1] \
+        if args.valid_data else None
     gas = ds_config["gradient_accumulation_steps"]
     batches = TrainBatches(train_data, args, dp, dp_rank, state.get_data_parallel_group(), gas,
                            ds_config["train_batch_size"])
     total = batches.total_iters()
     writer = dist.get_rank() == writer_rank()
     if writer:
-        for path, data in ((args.train_data, train_data), (args.valid_data, valid_data)):
-            if data:
-                print(data.describe(path), flush=True)
+        for weight, part in train_data:
+            print(part.describe() + (f", weight {weight:.4g}" if len(train_data) > 1 else ""), flush=True)
+        if valid_data:
+            print(valid_data.describe(), flush=True)
 
     # Model and engine.
     loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size,
@@ -58,9 +60,10 @@ def train(args) -> None:
     engine = make_engine(pipe, ds_config, optimizer, make_scheduler(optimizer, args, total))
     meta = {"model": model_name(args.model), "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
             "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
-            "samples": len(train_data.samples), "seed": args.seed, "pack": args.pack, "seq_length": args.seq_length,
+            "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack,
+            "seq_length": args.seq_length,
             "bf16": bool(ds_config.get("bf16", {}).get("enabled"))}
-    start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, Position())
+    start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, batches.start())
 
     log = None
     if writer:
@@ -83,7 +86,7 @@ def train(args) -> None:
                       "grad_norm": None if grad_norm is None else float(grad_norm), "lam": loss_fn.lam,
                       **counts, "tokens_per_s": counts["tokens"] / seconds,
                       # the data position: samples (packed rows with --pack) of the epoch consumed
-                      "epoch": position.epoch, "epoch_position": position.offset}
+                      **batches.where(position)}
         if valid and (iteration == total or _due(iteration, args.eval_interval)):
             evaluated = validate(engine, loss_fn, valid)
             if record is not None:

@@ -1,0 +1,226 @@
+"""Indexed datasets end to end: tools/preprocess_data.py (any worker count gives the same bytes;
+the decoded samples are tokenize_row's), training on a PREFIX equals training on the raw file and
+both equal a dense transformers computation, blends draw in proportion and resume exactly, damaged
+or foreign files fail with one line naming the file."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from megatron_onpolicy.data import DataError, collate, read_rows, tokenize_row
+from megatron_onpolicy.data.indexed import IndexedDataset
+from megatron_onpolicy.data.preprocess import Settings, preprocess
+from megatron_onpolicy.model.loader import load_tokenizer
+from megatron_onpolicy.train.batches import Part, TrainBatches
+from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
+
+L = 512
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("indexed")
+    old = os.environ.get("MEGATRON_ONPOLICY_DATA_CACHE")
+    os.environ["MEGATRON_ONPOLICY_DATA_CACHE"] = str(tmp / "cache")  # the launched runs inherit it
+    rows = [json.loads(line) for line in (ROOT / "data" / "math_sft.jsonl").read_text().splitlines()]
+    # 28 prompt/response rows and 4 two-turn conversations; a blank line (not a row) in between
+    convs = [{"messages": [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["response"]},
+                           {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["response"]}]}
+             for a, b in zip(rows[40:48:2], rows[41:48:2])]
+    lines = [json.dumps(r) for r in rows[:14]] + [""] + [json.dumps(r) for r in rows[14:28] + convs]
+    (tmp / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[60:76]))
+    (tmp / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[80:96]))
+    model = make_tiny_model(tmp / "tiny")
+    s = SimpleNamespace(tmp=tmp, model=model, train=tmp / "train.jsonl", tok=load_tokenizer(model))
+    packed = Settings(seq_length=L, pack=True)
+    preprocess(s.train, tmp / "packed1", model, packed, workers=1, progress=False)
+    preprocess(s.train, tmp / "plain", model, Settings(), workers=1, progress=False)
+    preprocess(tmp / "a.jsonl", tmp / "a", model, Settings(), workers=1, progress=False)
+    result = launch(0, "--input", s.train, "--output-prefix", tmp / "packed2", "--model", model, "--workers", 2,
+                    "--seq-length", L, "--pack", script="tools/preprocess_data.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    yield s
+    if old is None:
+        del os.environ["MEGATRON_ONPOLICY_DATA_CACHE"]
+    else:
+        os.environ["MEGATRON_ONPOLICY_DATA_CACHE"] = old
+
+
+def test_workers_give_the_same_bytes_and_samples_are_tokenize_rows(setup):
+    s = setup
+    for ext in ("bin", "idx", "json"):
+        assert (s.tmp / f"packed1.{ext}").read_bytes() == (s.tmp / f"packed2.{ext}").read_bytes(), ext
+    rows = read_rows(s.train)
+    truth = [tokenize_row(s.tok, r.data, r.source, i) for i, r in enumerate(rows)]
+    assert len(truth) == 32 and sum("messages" in r.data for r in rows) == 4
+    for prefix in ("plain", "packed2"):
+        ds = IndexedDataset(s.tmp / prefix)
+        assert ds.dtype == np.uint16 and ds.meta["source"]["rows"] == 32
+        assert [ds.sample(i) for i in range(len(ds))] == truth, prefix
+    ds = IndexedDataset(s.tmp / "packed2")
+    packs = [ds.pack(p) for p in range(ds.packs)]
+    assert sorted(i for p in packs for i in p.indices) == list(range(32))  # every sample in one pack
+    assert all(len(p.input_ids) <= L for p in packs) and len(packs) < 32 // 2
+    for p in packs:
+        assert p.input_ids == [t for i in p.indices for t in truth[i].input_ids]
+        assert p.segment_ids == [k for k, i in enumerate(p.indices, 1) for _ in truth[i].input_ids]
+
+
+def train(s, name, data, *extra, n=0, runner="deepspeed"):
+    out = s.tmp / name
+    result = launch(n, "--model", s.model, "--train-data", *data, "--seq-length", L, "--loss", "ce",
+                    "--save", out, "--deepspeed_config", ROOT / "ds_configs" / "zero1_fp32.json", *extra, runner=runner)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_metrics(out), result.stdout
+
+
+@pytest.fixture(scope="module")
+def epoch_runs(setup):
+    """One epoch at --lr 0 from the raw file and from the prefix, unpacked (g 16) and packed (g 1)."""
+    s, runs = setup, {}
+    plain = ("--micro-batch-size", 8, "--global-batch-size", 16, "--epochs", 1, "--lr", 0)
+    packed = ("--pack", "--micro-batch-size", 1, "--global-batch-size", 1, "--epochs", 1, "--lr", 0)
+    runs["raw"] = train(s, "raw", [s.train], *plain)
+    runs["prefix"] = train(s, "prefix", [s.tmp / "plain"], *plain)
+    runs["raw-pack"] = train(s, "raw-pack", [s.train], *packed)
+    runs["prefix-pack"] = train(s, "prefix-pack", [s.tmp / "packed1"], *packed)
+    return runs
+
+
+def dense_loss(s) -> float:
+    """Token-mean cross-entropy of every row under the HF model itself (float64 log-softmax)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(s.model).eval()
+    samples = [tokenize_row(s.tok, r.data, r.source, i) for i, r in enumerate(read_rows(s.train))]
+    b = collate(samples, 0)
+    with torch.no_grad():
+        logp = model(b["input_ids"]).logits.double().log_softmax(-1)
+    keep = b["loss_mask"] > 0
+    return -logp.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean().item()
+
+
+def test_prefix_trains_like_the_raw_file_and_like_transformers(setup, epoch_runs):
+    truth = dense_loss(setup)
+    for raw, prefix in (("raw", "prefix"), ("raw-pack", "prefix-pack")):
+        a, b = epoch_runs[raw][0], epoch_runs[prefix][0]
+        assert len(a) == len(b) == (2 if raw == "raw" else IndexedDataset(setup.tmp / "packed1").packs)
+        for x, y in zip(a, b):
+            for key in ("loss", "loss_ce", "loss_idft", "phi_mean", "loss_tokens", "tokens"):
+                assert y[key] == pytest.approx(x[key], rel=1e-6), (prefix, x["iteration"], key)
+        # one epoch covers every row once: the token-weighted mean of the iterations is the dense loss
+        epoch = sum(m["loss_ce"] * m["loss_tokens"] for m in b) / sum(m["loss_tokens"] for m in b)
+        assert epoch == pytest.approx(truth, rel=1e-5), prefix
+    assert "train.jsonl: 32 rows -> 32 samples (0 truncated, 0 dropped as longer than --seq-length)" \
+        in epoch_runs["raw"][1]
+    assert len(list((setup.tmp / "cache").glob("train-*.idx"))) == 2  # raw file cached once per settings
+
+
+def test_blend_draws_follow_the_weights(setup):
+    """The items fed to the engine: part a (weight 3/4, a prefix) and part b (1/4, a raw file via the
+    cache) told apart by their tokens. Greedy draws keep every part within one item of w * t."""
+    s = setup
+    args = SimpleNamespace(seq_length=L, overlong="truncate", pack=False, seed=7, train_iters=50, epochs=None,
+                           prompt_key="prompt", response_key="response")
+    preprocess(s.tmp / "b.jsonl", s.tmp / "b", s.model, Settings(), workers=1, progress=False)
+    a, b = IndexedDataset(s.tmp / "a"), IndexedDataset(s.tmp / "b")
+    parts = [(0.75, Part("a", a, args, False)), (0.25, Part("b", b, args, False))]
+    batches = TrainBatches(parts, args, 1, 0, None, 2, 4)
+    ids = {tuple(ds.sample(i).input_ids): (name, i) for name, ds in (("a", a), ("b", b)) for i in range(len(ds))}
+    assert len(ids) == 32
+    pos, seen = batches.start(), []
+    for _ in range(50):
+        micro, counts, pos = batches.next(pos)
+        for inputs, (targets, _) in micro:
+            for row, n in zip(inputs[0], (targets != -100).sum(1)):  # n + 1 tokens in a sample of n targets
+                seen.append(ids[tuple(row[:n + 1].tolist())])
+        t = len(seen)
+        drawn = {p: sum(x[0] == p for x in seen) for p in "ab"}
+        assert abs(drawn["a"] - 0.75 * t) <= 1 and abs(drawn["b"] - 0.25 * t) <= 1, (t, drawn)
+    assert pos.drawn == [150, 50]
+    # each part goes through all of its rows once per epoch, in a new order each epoch
+    a_rows = [i for p, i in seen if p == "a"]
+    assert [sorted(a_rows[k:k + 16]) for k in range(0, 144, 16)] == [list(range(16))] * 9
+    assert a_rows[:16] != a_rows[16:32]
+
+
+def test_resumed_blend_repeats_the_uninterrupted_run(setup):
+    s = setup
+    blend = ["0.7", s.tmp / "a", "0.3", s.tmp / "b.jsonl"]
+    args = ("--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 6, "--lr", "1e-2",
+            "--save-interval", 3)
+    full, out = train(s, "blend", blend, *args)
+    assert "weight 0.7" in out and "weight 0.3" in out
+    shutil.copytree(s.tmp / "blend", s.tmp / "blend-resumed")
+    (s.tmp / "blend-resumed" / "latest").write_text("iter_0000003")
+    shutil.rmtree(s.tmp / "blend-resumed" / "iter_0000006")
+    resumed, _ = train(s, "blend-resumed", blend, *args, "--load", s.tmp / "blend-resumed")
+    assert [m["iteration"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert full[1]["loss"] != pytest.approx(full[0]["loss"], rel=1e-3), "the lr must move the loss"
+    for x, y in zip(full[3:], resumed[3:]):
+        for key in ("loss", "grad_norm", "lr", "phi_mean", "loss_tokens", "epoch", "epoch_position"):
+            assert x[key] == y[key], (x["iteration"], key)
+
+
+def test_bad_files_fail_with_one_line_naming_the_file(setup, tmp_path):
+    s = setup
+    other = tmp_path / "other-tok"
+    tok = load_tokenizer(s.model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tok.save_pretrained(other)
+    for name in ("short", "corrupt"):
+        for ext in ("bin", "idx", "json"):
+            shutil.copy(s.tmp / f"plain.{ext}", tmp_path / f"{name}.{ext}")
+    with open(tmp_path / "short.bin", "r+b") as f:
+        f.truncate((tmp_path / "short.bin").stat().st_size - 6)
+    idx = bytearray((tmp_path / "corrupt.idx").read_bytes())
+    idx[-20] ^= 0x40
+    (tmp_path / "corrupt.idx").write_bytes(idx)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n')
+    preprocess(s.tmp / "a.jsonl", tmp_path / "foreign", other, Settings(), workers=1, progress=False)
+    train_cmd = [sys.executable, str(ROOT / "launch" / "pretrain_idft.py"), "--model", str(s.model),
+                 "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1",
+                 "--deepspeed_config", str(ROOT / "ds_configs" / "zero1_fp32.json")]
+    cases = {  # name: (command, text expected in the one error line)
+        "foreign": (train_cmd + ["--train-data", str(tmp_path / "foreign")], "foreign.json: made with tokenizer"),
+        "short": (train_cmd + ["--train-data", str(tmp_path / "short")], "short.bin: "),
+        "corrupt": (train_cmd + ["--train-data", str(tmp_path / "corrupt")], "corrupt.idx: corrupt"),
+    }
+    procs = {name: subprocess.Popen(cmd + ["--save", str(tmp_path / f"{name}-out")], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in cases.items()}
+    # a bad row: its file and line (the blank line 2 counted), and no output files, not even partial ones
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'response' must be a string"):
+        preprocess(tmp_path / "bad.jsonl", tmp_path / "bad", s.model, Settings(), workers=1, progress=False)
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert p.returncode == 2 and len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
+        assert not (tmp_path / f"{name}-out").exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.jsonl"]
+
+
+def test_parquet_and_datasets_folder_stream_to_the_same_bytes(setup, tmp_path, monkeypatch):
+    """Row groups / dataset slices smaller than the file, so that streaming crosses their borders."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_onpolicy.data import preprocess as pre
+    monkeypatch.setattr(pre, "CHUNK", 5)
+    s = setup
+    rows = [r.data for r in read_rows(s.tmp / "a.jsonl")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=3)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "a_ds"))
+    for name, source in (("jsonl", s.tmp / "a.jsonl"), ("parquet", tmp_path / "a.parquet"), ("ds", tmp_path / "a_ds")):
+        preprocess(source, tmp_path / name, s.model, Settings(seq_length=L, pack=True), workers=1, progress=False)
+    for name in ("parquet", "ds"):
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"{name}.{ext}").read_bytes() == (tmp_path / f"jsonl.{ext}").read_bytes(), (name, ext)
+    assert json.loads((tmp_path / "ds.json").read_text())["source"]["rows"] == 16
