@@ -52,6 +52,12 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     dist.barrier()
 
 
+def has_complete(folder) -> bool:
+    """Whether `folder` holds a checkpoint `latest` names and that finished saving."""
+    latest = Path(folder) / "latest"
+    return latest.is_file() and (Path(folder) / latest.read_text().strip() / MARKER).is_file()
+
+
 def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
     """(tag, complete.json contents) of checkpoint `tag` in `folder`, by default the latest."""
     folder = Path(folder)
