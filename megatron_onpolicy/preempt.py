@@ -46,6 +46,20 @@ class Stop:
         return "time limit (--exit-duration-in-mins)" if timed_out else None
 
 
+    def exit_if_agreed(self, device, prog: str, where: str, group=None) -> None:
+        why = self.agreed(device, group)
+        if why:
+            exit_for_requeue(prog, why, where)
+
+
+def in_lockstep(batches: list, device) -> list:
+    """This rank's batches, padded with empty ones to the most any rank has, so that all ranks
+    reach every stop check (data-parallel groups can have different numbers of rows left)."""
+    n = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return batches + [[]] * (int(n.item()) - len(batches))
+
+
 def exit_for_requeue(prog: str, why: str, where: str) -> None:
     """After the caller has saved (and synchronised): say so once, and exit with REQUEUE_EXIT on
     every rank. os._exit: the other ranks exit at the same moment, so no teardown collective."""
