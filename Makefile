@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 NPROC ?= 3
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test test-slurm slurm quickstart clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,18 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x tests --ignore=tests/test_slurm.py
+
+# launch/slurm/*.sbatch on a one-node SLURM started by the test itself (tests/slurm_cluster.py).
+test-slurm: setup slurm
+	REQUIRE_SLURM=1 $(BIN)/python -m pytest -q -x tests/test_slurm.py
+
+# Debian's SLURM daemons and client, once (apt-get needs root, as in CI).
+slurm:
+	command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		  slurmctld slurmd slurm-client; }
 
 # IDFT on the embedded SmolLM2-135M and the bundled math set, T = 3 on CPU, then the HF export.
 quickstart: setup

@@ -78,3 +78,21 @@ def remove_shards(parts) -> None:
     """Only once the merged file is in place: until then the shards are the only copy."""
     for part in parts:
         os.remove(part)
+
+
+def shard_files(out: Path) -> list:
+    """Every shard file of `out`, of whatever layout wrote it (a run restarted on another number
+    of ranks finds the rows its predecessors wrote, and merges them)."""
+    out = Path(out)
+    return sorted(out.parent.glob(f"{out.name}.part-*-of-*"))
+
+
+def repair_shards(out: Path) -> set:
+    """Cut torn last lines off every shard file of `out`; -> the row indices they hold. One rank
+    calls it before the writers open their files."""
+    done = set()
+    for part in shard_files(out):
+        writer = ShardWriter(part)
+        writer.close()
+        done |= writer.done
+    return done

@@ -143,8 +143,11 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
     out = setup.tmp / "exported"
     result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", out, script="tools/export_hf.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    a, b = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # P = 2: one safetensors file per stage, and an index naming every tensor once
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    a, b = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()} for d in (hf_dir, out))
+    assert a.keys() == b.keys() == index.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_packing_across_pipeline_stages(setup):

@@ -17,12 +17,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
-                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, repair_shards,  # noqa: E402
+                                       shard_files, shard_path, write_json_atomic, write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -44,6 +44,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     folder, arch = load_arch(args.model)
     cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
@@ -66,11 +67,17 @@ def main():
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
-    part = shard_path(out, dp_rank, dp)
-    writer = ShardWriter(part) if writes else None
-    batches = length_sorted_batches(mine, args.micro_batch_size)
-    bar = tqdm(total=len(rows), desc="ddt_score", unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
-    for batch in batches:
+    # The rows any earlier run wrote, whatever its number of ranks (torn last lines cut first).
+    done = [repair_shards(out) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(done, src=0)
+    writer = ShardWriter(shard_path(out, dp_rank, dp)) if writes else None
+    batches = length_sorted_batches([s for s in mine if s.index not in done[0]], args.micro_batch_size)
+    bar = tqdm(total=len(rows), initial=len(done[0]), desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
+               file=sys.stdout)
+    for batch in preempt.in_lockstep(batches, cli.device()):
+        stop.exit_if_agreed(cli.device(), "ddt_score", f"finished rows are in {out}.part-*")
+        if not batch:
+            continue
         for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens, args.fused_loss,
                                args.loss_chunk_size):
             if writer:
@@ -81,7 +88,7 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        parts = [shard_path(out, r, dp) for r in range(dp)]
+        parts = shard_files(out)
         merged = collect_shards(parts, len(rows))
         write_jsonl_atomic(out, merged)
         remove_shards(parts)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
 from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
@@ -28,8 +28,8 @@ from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decod
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import seeded_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
-                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, repair_shards,  # noqa: E402
+                                       shard_files, shard_path, write_json_atomic, write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -90,6 +90,7 @@ def summarize(rows, args):
 
 def main():
     args = parse_args()
+    stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     hint_template = load_template(args.hint_template, "hint")
     analysis_template = load_template(args.analysis_template, "analysis") if args.analysis_template else None
     hint = HintConfig(schedule=args.lambda_mode, beta=args.beta, center=args.sigmoid_center,
@@ -114,15 +115,14 @@ def main():
 
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
-    part = shard_path(out_dir / "shards" / final.name, dp_rank, dp)
-    writer = ShardWriter(part) if tp_rank == 0 else None  # opening it cuts a torn last line
-    done = [writer.done if writer else None]
-    dist.broadcast_object_list(done, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+    shards = out_dir / "shards" / final.name
+    # The rows any earlier run wrote, whatever its number of ranks (torn last lines cut first).
+    done = [repair_shards(shards) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(done, src=0)
+    writer = ShardWriter(shard_path(shards, dp_rank, dp)) if tp_rank == 0 else None
     todo = [i for i in originals if i not in done[0]]
-    resumed = torch.tensor([len(originals) - len(todo)])
-    dist.all_reduce(resumed)  # counted once per TP rank
-    if dist.get_rank() == 0 and resumed.item():
-        print(f"resuming: {resumed.item() // args.tensor_model_parallel_size} rows already done", flush=True)
+    if dist.get_rank() == 0 and done[0]:
+        print(f"resuming: {len(done[0])} rows already done", flush=True)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, tp_group, dtype, cli.device())
@@ -130,10 +130,13 @@ def main():
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
     pad = tokenizer.pad_token_id or 0
-    bar = tqdm(total=len(rows), initial=resumed.item() // args.tensor_model_parallel_size, desc="realign",
+    bar = tqdm(total=len(rows), initial=len(done[0]), desc="realign",
                unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
-    for k in range(0, len(todo), args.batch_size):
-        batch = todo[k:k + args.batch_size]
+    batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
+    for batch in preempt.in_lockstep(batches, cli.device()):
+        stop.exit_if_agreed(cli.device(), "realign_distributed", f"finished rows are in {shards.parent}")
+        if not batch:
+            continue
         data = [rows[i].data for i in batch]
         results = hinted_decode(model, tokenizer, [d[args.prompt_key] for d in data],
                                 [d[args.response_key] for d in data], params, hint, hint_template,
@@ -159,7 +162,7 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        parts = [shard_path(out_dir / "shards" / final.name, r, dp) for r in range(dp)]
+        parts = shard_files(shards)
         merged = [r["row"] for r in collect_shards(parts, len(rows))]
         write_jsonl_atomic(final, merged)
         if args.min_avg_phi is not None or args.require_answer_match:

@@ -40,7 +40,16 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # DeepSpeed's engine and PipelineModule take LOCAL_RANK as the device ordinal: make it one.
+        ordinal = local_device(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        os.environ["LOCAL_RANK"] = str(ordinal)
+        torch.cuda.set_device(ordinal)
+
+
+def local_device(local_rank: int, visible: int) -> int:
+    """The GPU ordinal of a rank: one task per GPU of a node sees them all (ordinal = local rank);
+    `srun --gpus-per-task=1` shows each task only its own (ordinal 0 for all)."""
+    return local_rank % visible
 
 
 def _share_cpu_cores() -> None:
@@ -49,8 +58,10 @@ def _share_cpu_cores() -> None:
     quickstart on 2 cores: 18 s an iteration instead of 7). An explicit OMP_NUM_THREADS wins."""
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
         return
-    local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS",
-                                                 "OMPI_COMM_WORLD_LOCAL_SIZE") if k in os.environ), 1)
+    # (srun's SLURM_STEP_TASKS_PER_NODE reads like "2(x3),1": tasks on the first nodes)
+    local = next((int(re.match(r"\d+", os.environ[k]).group()) for k in (
+        "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
+        if k in os.environ), 1)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
 
 

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int)
     g.add_argument("--epochs", type=int, help="instead of --train-iters")
     g.add_argument("--exit-interval", type=int, help="stop (after saving) once the iteration is a multiple of this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM / SIGUSR1: save at the end of the iteration and exit with status 75 (requeue)")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="save and exit with status 75 (requeue) once this much time has passed since start-up")
     g.add_argument("--lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="linear")
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save", help="checkpoint folder (also holds metrics.jsonl)")
-    g.add_argument("--load", help="resume from the latest checkpoint in this folder")
+    g.add_argument("--load", help="resume from the latest checkpoint in this folder "
+                   "(default: --save, when it holds a complete checkpoint)")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
     g.add_argument("--eval-interval", type=int, help="validate every N iterations (and at the end)")
@@ -107,8 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--idft-beta must be > 0, got {args.idft_beta}")
     if args.idft_gamma_min > args.idft_gamma_max:
         p.error(f"--idft-gamma-min {args.idft_gamma_min} exceeds --idft-gamma-max {args.idft_gamma_max}")
-    if args.save_interval and not args.save:
-        p.error("--save-interval needs --save")
+    for flag in ("save_interval", "exit_signal_handler", "exit_duration_in_mins"):
+        if getattr(args, flag) not in (None, False) and not args.save:
+            p.error(f"--{flag.replace('_', '-')} needs --save")
     if args.eval_interval and not args.valid_data:
         p.error("--eval-interval needs --valid-data")
     return args

@@ -4,6 +4,10 @@
   the uninterrupted one exactly;
 - complete.json in the tag folder: the run's layout and model (tools/export_hf.py reads it).
 
+A checkpoint continues at another data-parallel size (same T and P; the global batch, and so the
+data position, does not depend on DP): DeepSpeed loads the weights, and the ZeRO-1/2 optimizer
+partitions of the old DP ranks are put together per parameter and cut anew (`_reshard_optimizer`).
+
 A checkpoint is written as DIR/.partial-iter_NNNNNNN and renamed once every rank has finished
 (DeepSpeed's file names inside do not depend on the tag), then DIR/latest is replaced
 atomically. A crash while saving leaves only a .partial folder, which nothing reads and the next
@@ -41,7 +45,8 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     if dist.get_rank() == 0 and (folder / partial).exists():
         shutil.rmtree(folder / partial)
     dist.barrier()
-    client = {"iteration": iteration, "data": asdict(position), "rng": _rng_state(), "meta": meta}
+    client = {"iteration": iteration, "data": asdict(position), "rng": _rng_state(), "meta": meta,
+              "lr_schedule": engine.lr_scheduler.state_dict()}  # for elastic loads
     engine.save_checkpoint(str(folder), partial, client_state=client, save_latest=False)
     dist.barrier()  # every rank's files are on disk
     if dist.get_rank() == 0:
@@ -50,6 +55,12 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
         write_text_atomic(folder / "latest", tag)
         _prune(folder, keep_last)
     dist.barrier()
+
+
+def has_complete(folder) -> bool:
+    """Whether `folder` holds a checkpoint `latest` names and that finished saving."""
+    latest = Path(folder) / "latest"
+    return latest.is_file() and (Path(folder) / latest.read_text().strip() / MARKER).is_file()
 
 
 def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
@@ -70,16 +81,73 @@ def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
 def load(engine, folder, meta: dict) -> tuple[int, Position]:
     """Restore the engine (weights, optimizer, lr schedule), RNG states; -> (iteration, position)."""
     tag, saved = read_checkpoint(folder)
-    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in meta.items() if saved.get(k) != v and k != "model"]
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in meta.items()
+               if saved.get(k) != v and k not in ("model", "data_parallel_size")]
     if changed:
         raise TrainConfigError(f"--load {folder}/{tag} cannot continue exactly with this run's settings: "
                                + ", ".join(changed))
+    # Another DP size: ZeRO-1/2 states are re-cut here; ZeRO-0 fp32 holds whole states on every
+    # rank (DeepSpeed loads them at any DP), DeepSpeed's bf16 optimizer partitions its own.
+    elastic = saved["data_parallel_size"] != meta["data_parallel_size"] and engine.zero_optimization_stage() > 0
+    if saved["data_parallel_size"] != meta["data_parallel_size"] and not elastic and engine.bfloat16_enabled():
+        raise TrainConfigError(f"--load {folder}/{tag}: a bf16 run changes its data-parallel size "
+                               f"({saved['data_parallel_size']} -> {meta['data_parallel_size']}) only under ZeRO stage 1 or 2")
     with torch.no_grad():  # DeepSpeed re-broadcasts tied weights in place after loading them
-        path, client = engine.load_checkpoint(str(folder), tag)
-    if path is None:
-        raise FileNotFoundError(f"--load {folder}: DeepSpeed could not load checkpoint '{tag}'")
+        # DeepSpeed refuses ZeRO states of another DP size: then weights only, and the rest here.
+        path, client = engine.load_checkpoint(str(folder), tag, load_module_only=elastic)
+        if path is None:
+            raise FileNotFoundError(f"--load {folder}: DeepSpeed could not load checkpoint '{tag}'")
+        if elastic:
+            _reshard_optimizer(engine, folder, tag)
+            engine.lr_scheduler.load_state_dict(client["lr_schedule"])
+            for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr  # what the saved optimizer's groups held
+            engine.global_steps = client["iteration"]
+            engine.global_samples = client["iteration"] * meta["global_batch_size"]
     _set_rng_state(client["rng"])
     return client["iteration"], Position(**client["data"])
+
+
+def _reshard_optimizer(engine, folder, tag) -> None:
+    """Restore ZeRO-1/2 fp32 master weights and Adam moments saved at another DP size.
+
+    Each old DP rank's file holds, per parameter group, one contiguous partition of the flattened
+    parameters and, per parameter name, where its fragment lies in that partition (DeepSpeed's
+    param_slice_mappings, what its universal checkpoints are made from). A parameter's fragments
+    in DP rank order make the whole parameter; this rank keeps the fragment its new partition
+    holds (the parameter's `_hp_mapping`). Every rank reads the old files of its own model-parallel
+    rank, as DeepSpeed's own elastic loading does."""
+    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS,
+                                                SINGLE_PARTITION_OF_FP32_GROUPS)
+
+    # DeepSpeed's own list of the old DP ranks' files of this model-parallel rank (a private helper)
+    names = engine._get_all_zero_checkpoint_names(str(folder), tag, engine.bfloat16_enabled())
+    parts = [torch.load(n, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT] for n in names]
+    params = dict(engine.module.named_parameters())  # the names DeepSpeed's mappings use
+    optimizer = engine.optimizer.optimizer  # torch's AdamW over this rank's flat fp32 partitions
+    for g, group in enumerate(optimizer.param_groups):
+        flat, = group["params"]
+        old = [p[BASE_OPTIMIZER_STATE]["state"][g] for p in parts]
+        keys = [k for k, v in old[0].items() if torch.is_tensor(v) and v.dim() == 1]  # exp_avg, exp_avg_sq
+        state = optimizer.state[flat]
+        for k in keys:
+            state.setdefault(k, torch.zeros_like(flat))
+        state["step"] = old[0]["step"]  # the same on every rank
+        new = {"fp32": flat.data, **{k: state[k] for k in keys}}
+        for name in dict.fromkeys(n for p in parts for n in p[PARAM_SLICE_MAPPINGS][g]):
+            mapping = params[name]._hp_mapping
+            if mapping is None:  # no fragment of it in this rank's partition
+                continue
+            pieces = {k: [] for k in new}
+            for part, state_of_part in zip(parts, old):
+                where = part[PARAM_SLICE_MAPPINGS][g].get(name)
+                if where is not None:
+                    pieces["fp32"].append(part[SINGLE_PARTITION_OF_FP32_GROUPS][g].narrow(0, where.start, where.numel))
+                    for k in keys:
+                        pieces[k].append(state_of_part[k].narrow(0, where.start, where.numel))
+            hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
+            for k, dst in new.items():
+                dst.narrow(0, hp.start, hp.numel).copy_(torch.cat(pieces[k]).narrow(0, lp.start, lp.numel))
 
 
 def _prune(folder: Path, keep_last) -> None:

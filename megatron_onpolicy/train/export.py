@@ -1,11 +1,18 @@
-"""A Hugging Face folder from the parallel model: each stage merges its TP shards
-(model/hf_io.gather_hf_state), the stages of DP replica 0 send theirs to rank 0, which writes the
-folder (atomically, through model/hf_io.save_hf_folder)."""
+"""A Hugging Face folder from the parallel model, written where it lies: each pipeline stage of DP
+replica 0 merges its TP shards (model/hf_io.gather_hf_state) and its TP rank 0 writes them as the
+stage's own safetensors file; rank 0 adds the index, config and tokenizer. No rank holds more than
+its own stage, and nothing but tensor names travels between stages."""
+import json
+import shutil
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from .. import cli
-from ..model.hf_io import gather_hf_state, save_hf_folder
+from ..model.hf_io import gather_hf_state
+from ..model.hub import replace_dir
 from ..model.loader import load_arch, load_tokenizer
 from ..parallel import state
 from . import checkpoint
@@ -14,23 +21,47 @@ from .model import build_pipeline, hf_names
 
 
 def export_hf(pipe, tokenizer, out) -> None:
-    """Every rank calls this with its PipelineModule."""
-    if state.get_data_parallel_rank() == 0:
-        stage = gather_hf_state(pipe, hf_names(pipe))  # a collective over this stage's TP group
-        stage = {name: tensor.cpu() for name, tensor in stage.items()}  # pickled to rank 0 below
-        if state.get_tensor_model_parallel_rank() == 0:
-            stages = [None] * state.get_pipeline_model_parallel_world_size()
-            group = state.get_pipeline_model_parallel_group()
-            if state.get_pipeline_model_parallel_world_size() > 1:
-                dist.gather_object(stage, stages if dist.get_rank() == 0 else None, dst=0, group=group)
-            else:
-                stages = [stage]
-            if dist.get_rank() == 0:
-                merged = {}
-                for part in stages:  # a tied embedding comes from the first and the last stage: equal
-                    for name, tensor in part.items():
-                        merged.setdefault(name, tensor)
-                save_hf_folder(merged, pipe.cfg, tokenizer, out)
+    """Every rank calls this with its PipelineModule. The folder is written under a temporary
+    name and renamed by rank 0 after a barrier: on several nodes it appears only once every
+    stage's file is on the shared file system."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial"
+    pp, stage = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
+    filename = f"model-{stage + 1:05d}-of-{pp:05d}.safetensors" if pp > 1 else "model.safetensors"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed export's leftovers
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tensors = gather_hf_state(pipe, hf_names(pipe)) if state.get_data_parallel_rank() == 0 else {}
+    writes = state.get_data_parallel_rank() == 0 and state.get_tensor_model_parallel_rank() == 0
+    # Names (and sizes) only: a tied embedding sits on the first and the last stage, and the
+    # first stage's file holds it.
+    listed = [None] * dist.get_world_size()
+    dist.all_gather_object(listed, (stage, {k: v.numel() * v.element_size() for k, v in tensors.items()})
+                           if writes else None)
+    listed = sorted(x for x in listed if x is not None)
+    earlier = {k for s, names in listed if s < stage for k in names}
+    if writes:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items() if k not in earlier}, tmp / filename,
+                  metadata={"format": "pt"})
+    del tensors
+    dist.barrier()  # every stage's file is on the file system
+    if dist.get_rank() == 0:
+        weight_map, size = {}, 0
+        for s, names in listed:
+            for k, nbytes in names.items():
+                if k not in weight_map:
+                    weight_map[k] = f"model-{s + 1:05d}-of-{pp:05d}.safetensors" if pp > 1 else "model.safetensors"
+                    size += nbytes
+        if pp > 1:
+            index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf = pipe.cfg.hf_config
+        hf.dtype = str(next(p.dtype for p in pipe.parameters())).removeprefix("torch.")
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
     dist.barrier()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import cli
+from .. import cli, preempt
 from ..ddt import idft_lambda
 from ..model.hf_io import load_hf_weights
 from ..model.loader import load_arch, load_tokenizer
@@ -30,8 +30,12 @@ def train(args) -> None:
     cli.start(tp, pp, arch.num_heads, arch.num_kv_heads)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     ds_config = build_ds_config(args, dp, pp)
+    if args.load is None and args.save and checkpoint.has_complete(args.save):
+        args.load = args.save  # a requeued or resubmitted job continues from its newest checkpoint
     if args.load:
         checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
+    stopper = preempt.Stop(preempt.SIGNALS if args.exit_signal_handler else (), args.exit_duration_in_mins) \
+        if args.exit_signal_handler or args.exit_duration_in_mins is not None else None
     torch.manual_seed(args.seed)
 
     # Data: memory-mapped indexed datasets (see batches.py); errors are the same on every rank.
@@ -94,8 +98,13 @@ def train(args) -> None:
         if writer:
             log.log(record, phi, gamma)
         stop = _due(iteration, args.exit_interval)
-        if args.save and (iteration == total or stop or _due(iteration, args.save_interval)):
+        why = stopper.agreed(cli.device()) if stopper else None  # one tiny all-reduce, on every rank
+        if args.save and (iteration == total or stop or why or _due(iteration, args.save_interval)):
             checkpoint.save(engine, args.save, iteration, position, meta, args.keep_last)
+        if why:
+            if writer:
+                log.close()
+            preempt.exit_for_requeue("pretrain_idft", why, f"saved {args.save}/{checkpoint.tag_of(iteration)}")
         if stop:
             break
     if writer:

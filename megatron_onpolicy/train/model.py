@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+from ..cli import device
 from ..model.config import ArchConfig
 from ..model.hf_io import weight_map
 from ..model.llama import DecoderLayer, LMHead, RMSNorm, Rotary, layer_masks
@@ -79,8 +80,9 @@ def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: boo
              LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.rms_norm_eps), head]
     # no_grad: DeepSpeed broadcasts the tied weights in place at construction, which autograd
     # would otherwise record on the parameters. dynamic_shape: activations take the length of
-    # each micro-batch's longest sample.
-    with torch.no_grad():
+    # each micro-batch's longest sample. On the rank's device: the 8 ranks of a GPU node build
+    # their stage's shards on their GPUs, not in host memory first.
+    with torch.no_grad(), torch.device(device()):
         pipe = PipelineModule(specs, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderLayerPipe",
                               dynamic_shape=True)
     # What model/hf_io reads off a model: its architecture and TP group.
