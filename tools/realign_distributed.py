@@ -10,7 +10,6 @@ merges DIR/realigned.jsonl in input order, DIR/realigned.filtered.jsonl (the row
 those that ended with EOS, not by length or repetition, unless --keep-unfinished, and pass
 --min-avg-phi / --require-answer-match) and DIR/summary.json."""
 import argparse
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -28,7 +27,7 @@ from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
                                         stop_token_ids)
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
-from megatron_onpolicy.generate.sampling import seeded_generator  # noqa: E402
+from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
                                        write_json_atomic, write_jsonl_atomic)
@@ -62,13 +61,6 @@ def parse_args(argv=None):
     if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         p.error("--piecewise-bounds H1 H2 needs H1 < H2")
     return args
-
-
-def batch_generator(seed: int, indices, device):
-    """A generator seeded by the run's seed and the batch's rows: a restarted run, or another
-    data-parallel layout with the same batches, draws the same numbers."""
-    digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
-    return seeded_generator(int.from_bytes(digest[:7], "little"), device)
 
 
 def keep(row, args) -> bool:
