@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
     p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
     p.add_argument("--prompt-key", default="prompt")
-    p.add_argument("--answer-key", default="answer")
+    p.add_argument("--answer-key", default="answer", help="'' = no grading: only completions and DDT")
     p.add_argument("--samples", type=int, default=1, help="completions per row (k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -73,20 +73,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def summarize_eval(rows, samples: int) -> dict:
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
     completions = [d for r in rows for d in r["ddt"]]
+    graded = all("correct" in r for r in rows)
     return {"rows": len(rows), "samples": samples,
-            **{f"pass@{k}": sum(pass_at_k(samples, sum(r["correct"]), k) for r in rows) / len(rows) for k in ks},
+            **{f"pass@{k}": sum(pass_at_k(samples, sum(r["correct"]), k) for r in rows) / len(rows)
+               for k in ks if graded},
             "mean_num_tokens": sum(n for r in rows for n in r["num_tokens"]) / (len(rows) * samples),
             "end_reasons": dict(Counter(e for r in rows for e in r["end_reasons"])),
             "ddt": summarize(completions)}
 
 
 def question_and_answer(row, args):
-    for key in (args.prompt_key, args.answer_key):
+    for key in filter(None, (args.prompt_key, args.answer_key)):
         if key not in row.data:
             raise DataError(f"{row.source}: field '{key}' missing")
     if not isinstance(row.data[args.prompt_key], str):
         raise DataError(f"{row.source}: field '{args.prompt_key}' must be a string")
-    return row.data[args.prompt_key], row.data[args.answer_key]
+    return row.data[args.prompt_key], row.data[args.answer_key] if args.answer_key else None
 
 
 def resolve_model(args, out: Path) -> str:
@@ -162,14 +164,15 @@ def main():
         for j, i in enumerate(batch):
             mine = gens[j * k:(j + 1) * k]
             texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
-            extracted = [final_answer(t) for t in texts]
-            reference = normalize(question_and_answer(rows[i], args)[1])
+            row = dict(rows[i].data, completions=texts)
+            if args.answer_key:
+                reference = normalize(question_and_answer(rows[i], args)[1])
+                row["extracted"] = [final_answer(t) for t in texts]
+                row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
+            row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
+                       ddt=ddt[j * k:(j + 1) * k])
             if writer:
-                writer.write({"index": i, "row": dict(
-                    rows[i].data, completions=texts, extracted=extracted,
-                    correct=[e is not None and normalize(e) == reference for e in extracted],
-                    end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
-                    ddt=ddt[j * k:(j + 1) * k])})
+                writer.write({"index": i, "row": row})
         bar.update(len(batch) * dp)
     bar.close()
     if writer:
