@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -96,7 +97,11 @@ class Steps:
 
 
 def launcher(nproc: int) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(nproc)]
+    # A free port each time: the launcher's default 29500 may be held by another job on the node.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port)]
 
 
 def head(src: Path, n: int, out: Path) -> Path:
@@ -167,7 +172,8 @@ def train(steps, args, arm, seed, splits) -> tuple[Path, float]:
     loss, solutions = ARMS[arm]
     hf = args.work_dir / f"{arm}-seed{seed}" / "hf"
     seconds = steps.run(f"{arm}-seed{seed}-train", hf / "config.json", launcher(args.nproc) + [
-        "launch/pretrain_idft.py", "--model", args.model, "--train-data", str(splits[solutions]),
+        "launch/pretrain_idft.py", "--model", args.model,
+        "--train-data", str(splits["train" if solutions == "original" else "realigned"]),
         "--response-key", "realigned" if solutions == "realigned" else "response", "--loss", loss,
         "--train-iters", str(args.train_iters), "--global-batch-size", str(args.global_batch_size),
         "--micro-batch-size", str(args.micro_batch_size), "--lr", str(args.lr), "--seq-length", str(args.seq_length),

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from megatron_onpolicy.generate.answers import answers_match, final_answer, normalize
+from tests.dist_utils import free_port
 from tests.test_realign import complete_lines, tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,9 @@ def test_tp3_equals_tp1_greedy_on_smollm2(tmp_path):
     one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "tp1.jsonl")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    three = subprocess.run([DEEPSPEED, "--num_gpus", "3"] + common + ["--out", str(tmp_path / "tp3.jsonl"),
-                           "--tensor-model-parallel-size", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    three = subprocess.run([DEEPSPEED, "--num_gpus", "3", "--master_port", str(free_port())] + common
+                           + ["--out", str(tmp_path / "tp3.jsonl"), "--tensor-model-parallel-size", "3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
     tp1, tp3 = read_jsonl(tmp_path / "tp1.jsonl"), read_jsonl(tmp_path / "tp3.jsonl")
     assert [r["completions"] for r in tp3] == [r["completions"] for r in tp1]
@@ -97,9 +99,10 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     rows = [dict(r, id=i) for i, r in enumerate(read_jsonl(ROOT / "data" / "math_sft.jsonl")[:24])]
     data, out = tmp_path / "data.jsonl", tmp_path / "eval" / "out.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = [DEEPSPEED, "--num_gpus", "2", TOOL, "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-           "--max-new-tokens", "48", "--batch-size", "1", "--samples", "2", "--temperature", "1"]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = lambda: [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TOOL, "--model", str(tiny_model),
+                   "--data", str(data), "--out", str(out), "--max-new-tokens", "48", "--batch-size", "1",
+                   "--samples", "2", "--temperature", "1"]
+    first = subprocess.Popen(cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while complete_lines(out.parent) < 2:
         assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
@@ -126,7 +129,7 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
         part.write_text("".join(good))
     assert 2 <= len(done) < len(rows)
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming: {len(done)} rows already done" in second.stdout
     final = read_jsonl(out)
