@@ -177,7 +177,8 @@ def train(steps, args, arm, seed, splits) -> tuple[Path, float]:
         "--response-key", "realigned" if solutions == "realigned" else "response", "--loss", loss,
         "--train-iters", str(args.train_iters), "--global-batch-size", str(args.global_batch_size),
         "--micro-batch-size", str(args.micro_batch_size), "--lr", str(args.lr), "--seq-length", str(args.seq_length),
-        "--seed", str(seed), "--export-hf", str(hf), "--deepspeed_config", args.deepspeed_config])
+        "--seed", str(seed), "--export-hf", str(hf), "--tensorboard-dir", str(hf.parent / "tensorboard"),
+        "--deepspeed_config", args.deepspeed_config])  # metrics.jsonl goes beside TensorBoard's files
     return hf, seconds
 
 
