@@ -1,6 +1,7 @@
 """tools/evaluate.py: answer grading, pass@k, T = 1 vs T = 3 on the real model, a killed run resumed."""
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -140,3 +141,28 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     assert not list(out.parent.glob("*.part-*"))
     summary = json.loads(out.with_name("out.summary.json").read_text())
     assert summary["rows"] == len(rows) and "pass@2" in summary
+
+
+@pytest.mark.parametrize("split, n, name", [("train", 512, "math_train"), ("test", 64, "math_test"),
+                                            ("ood", 64, "math_ood"), ("general", 24, "general_prompts")])
+def test_task_splits_are_reproducible_and_correct(split, n, name, tmp_path):
+    out = tmp_path / f"{split}.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_math_data.py"), "--split", split, "--n", str(n),
+                    "--out", str(out)], check=True, timeout=120)
+    assert out.read_bytes() == (ROOT / "data" / f"{name}.jsonl").read_bytes()
+    rows = read_jsonl(out)
+    assert len({r["prompt"] for r in rows}) == n
+    if split == "general":
+        return
+    if split == "test":  # held out: no training prompt
+        assert not {r["prompt"] for r in rows} & {r["prompt"] for r in read_jsonl(ROOT / "data" / "math_train.jsonl")}
+    lengths = []
+    for r in rows:
+        steps = r["response"].splitlines()[:-1]
+        lengths.append(len(steps))
+        for step in steps:  # every step's arithmetic is right
+            a, op, b, value = re.search(r"(\d+) ([-+x/]) (\d+) = (\d+)\.$", step).groups()
+            a, b = int(a), int(b)
+            assert {"+": a + b, "-": a - b, "x": a * b, "/": a / b}[op] == int(value)
+        assert value == r["answer"] and answers_match(r["response"], r["answer"])
+    assert min(lengths) == 3 and (sum(lengths) / n > 3.5 if split == "ood" else max(lengths) == 3)  # OOD: more steps
