@@ -88,19 +88,48 @@ def test_killed_rank_restart_loses_and_repeats_nothing(tiny_model, tmp_path):
     assert not list((out / "shards").glob("*.part-*"))
 
 
+def hf_avg_phi(model, tokenizer, prompt, response, eos):
+    """Mean phi = log p_y + H over the response tokens (+ EOS), from one transformers forward."""
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)  # transformers 5 / 4
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * eos
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = model(ids).logits[0, len(prompt_ids) - 1:-1].double().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return float((logp.gather(-1, ids[0, len(prompt_ids):, None])[:, 0] + entropy).mean())
+
+
 def test_filtered_output_and_template_errors(tiny_model, tmp_path):
-    data, rows = data_file(tmp_path, 3)
+    data, rows = data_file(tmp_path, 6)
     bad_template = tmp_path / "bad.txt"
     bad_template.write_text("Only {question} here.")
     base = [sys.executable, TOOL, "--model", str(tiny_model), "--data", str(data), "--max-new-tokens", "8"]
-    ok = subprocess.run(base + ["--out-dir", str(tmp_path / "ok"), "--min-avg-phi=-1e9", "--require-answer-match"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    merged = [json.loads(line) for line in open(tmp_path / "ok" / "realigned.jsonl")]
-    kept = [json.loads(line) for line in open(tmp_path / "ok" / "realigned.filtered.jsonl")]
-    assert kept == [r for r in merged if r["answer_match"] and r["avg_phi_realigned"] is not None]
-    bad = subprocess.run(base + ["--out-dir", str(tmp_path / "bad"), "--hint-template", str(bad_template)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    plain = run("--out-dir", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    merged = [json.loads(line) for line in open(tmp_path / "plain" / "realigned.jsonl")]
+    # A random model never says EOS within 8 tokens: every row was cut, and by default none is kept.
+    assert {r["end_reason"] for r in merged} == {"max-length"}
+    assert (tmp_path / "plain" / "realigned.filtered.jsonl").read_text() == ""
+    # Cut text is scored without an EOS target.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    for r in merged:
+        assert r["avg_phi_realigned"] == pytest.approx(hf_avg_phi(hf, tok, r["prompt"], r["realigned"], False), abs=1e-4)
+        assert r["avg_phi_realigned"] != pytest.approx(hf_avg_phi(hf, tok, r["prompt"], r["realigned"], True), abs=1e-3)
+
+    threshold = sorted(r["avg_phi_realigned"] for r in merged)[len(merged) // 2]
+    kept_run = run("--out-dir", str(tmp_path / "kept"), f"--min-avg-phi={threshold}", "--keep-unfinished")
+    assert kept_run.returncode == 0, kept_run.stderr[-3000:]
+    assert [json.loads(line) for line in open(tmp_path / "kept" / "realigned.jsonl")] == merged  # same seed
+    kept = [json.loads(line) for line in open(tmp_path / "kept" / "realigned.filtered.jsonl")]
+    assert kept == [r for r in merged if r["avg_phi_realigned"] >= threshold]
+    assert 0 < len(kept) < len(merged)
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["filtered_rows"] == len(kept)
+
+    bad = run("--out-dir", str(tmp_path / "bad"), "--hint-template", str(bad_template))
     assert bad.returncode != 0
     assert "realign_distributed: error:" in bad.stderr and "{answer}" in bad.stderr and "bad.txt" in bad.stderr
     assert not (tmp_path / "bad").exists()

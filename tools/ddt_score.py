@@ -32,6 +32,8 @@ def parse_args(argv=None):
     cli.add_data_args(p)
     p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--no-eos", action="store_true",
+                   help="score responses without the EOS target: text that was cut, not ended, where it stops")
     p.add_argument("--dump-tokens", action="store_true", help="also write token ids and per-token phi/logp/entropy")
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="build the head's logits first (default: the head fused with the statistics, chunked)")
@@ -55,7 +57,8 @@ def main():
     mine, error = [], None
     try:
         for i in shard_indices(len(rows), dp_rank, dp):
-            mine.append(tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key))
+            mine.append(tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key,
+                                    eos=not args.no_eos))
     except DataError as e:
         error = str(e)
     error = cli.first_error(error)

@@ -1,6 +1,7 @@
 """Grade-school arithmetic word problems with short, human-style solutions ending in \\boxed{N}.
 
     python tools/make_math_data.py --n 128 --seed 0 --out data/math_sft.jsonl
+    python tools/make_math_data.py --split train --n 512 --out data/math_train.jsonl   # and test, ood, general
 
 Rows are {"prompt", "response", "answer"}. The same --n and --seed give the same bytes. Solutions
 stay short (a few sentences) so that a 135M model can score and realign them on a CPU; they are
@@ -117,6 +118,128 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+# The task splits (`--split`): multi-step problems whose reference solutions are written in one
+# fixed textbook layout ("Step 1. ... Answer: \\boxed{N}"), far from how the model itself writes.
+# Each problem is (prompt, [(what the step finds, expression, value)], answer).
+
+
+def _purchase(r):
+    name, goods, extra = r.choice(NAMES), r.choice(GOODS), r.choice(EXTRAS)
+    a, p, q = r.randint(2, 9), r.randint(2, 12), r.randint(3, 25)
+    bill = next(b for b in (20, 50, 100, 200) if b > a * p + q)
+    return (f"{name} buys {a} {goods} at ${p} each and a {extra} for ${q}, and pays with a ${bill} bill. "
+            f"How many dollars of change does {name} get?",
+            [(f"cost of the {goods}", f"{a} x {p}", a * p), ("total cost", f"{a * p} + {q}", a * p + q),
+             ("change", f"{bill} - {a * p + q}", bill - a * p - q)], bill - a * p - q)
+
+
+def _saving(r):
+    name, extra = r.choice(NAMES), r.choice(EXTRAS)
+    s, w, gift = r.randint(3, 15), r.randint(3, 10), r.randint(5, 30)
+    cost = r.randint(5, s * w + gift - 1)
+    return (f"{name} saves ${s} a week for {w} weeks, gets ${gift} as a gift, and then spends ${cost} on a "
+            f"{extra}. How many dollars does {name} have left?",
+            [("money saved", f"{s} x {w}", s * w), ("money with the gift", f"{s * w} + {gift}", s * w + gift),
+             ("money left", f"{s * w + gift} - {cost}", s * w + gift - cost)], s * w + gift - cost)
+
+
+def _packs(r):
+    name, things = r.choice(NAMES), r.choice(THINGS)
+    packs, per, friends = r.randint(2, 9), r.randint(4, 12), r.randint(2, 6)
+    total = packs * per
+    kept = total % friends or friends  # at least one kept, and the rest splits evenly
+    share = (total - kept) // friends
+    return (f"{name} buys {packs} packs of {per} {things}, keeps {kept}, and shares the rest equally among "
+            f"{friends} friends. How many {things} does each friend get?",
+            [(f"{things} in all", f"{packs} x {per}", total), ("number to share", f"{total} - {kept}", total - kept),
+             ("share of each friend", f"{total - kept} / {friends}", share)], share)
+
+
+def _trip(r):  # out of domain: two legs at different speeds, then a comparison
+    vehicle = r.choice(VEHICLES)
+    s1, h1, s2, h2 = r.choice(range(20, 70, 5)), r.randint(2, 5), r.choice(range(30, 90, 5)), r.randint(1, 4)
+    rest = r.randint(10, 60)
+    d1, d2 = s1 * h1, s2 * h2
+    goal = d1 + d2 + rest
+    return (f"A {vehicle} has to cover {goal} miles. It drives {h1} hours at {s1} miles per hour, then {h2} "
+            f"hours at {s2} miles per hour. How many miles are still left?",
+            [("first leg", f"{s1} x {h1}", d1), ("second leg", f"{s2} x {h2}", d2),
+             ("distance driven", f"{d1} + {d2}", d1 + d2), ("distance left", f"{goal} - {d1 + d2}", rest)], rest)
+
+
+def _fence(r):  # out of domain: geometry, several quantities
+    w, length, post_gap = r.randint(3, 20), r.randint(21, 40), r.choice([1, 2])
+    price = r.randint(2, 9)
+    perimeter = 2 * (w + length)
+    return (f"A rectangular garden is {length} m long and {w} m wide. Fencing costs ${price} per meter. "
+            f"A gate that is {post_gap} m wide needs no fencing. How many dollars does the fencing cost?",
+            [("long sides", f"2 x {length}", 2 * length), ("short sides", f"2 x {w}", 2 * w),
+             ("perimeter", f"{2 * length} + {2 * w}", perimeter), ("fence length", f"{perimeter} - {post_gap}",
+                                                                   perimeter - post_gap),
+             ("cost", f"{perimeter - post_gap} x {price}", (perimeter - post_gap) * price)],
+            (perimeter - post_gap) * price)
+
+
+def _ages(r):  # out of domain: ages over time
+    first, second = r.sample(NAMES, 2)
+    a, gap, years = r.randint(5, 15), r.randint(2, 9), r.randint(2, 10)
+    b = a + gap
+    return (f"{first} is {a} years old and {second} is {gap} years older. In {years} years, what will their "
+            f"ages add up to?",
+            [(f"age of {second}", f"{a} + {gap}", b), (f"age of {first} in {years} years", f"{a} + {years}", a + years),
+             (f"age of {second} in {years} years", f"{b} + {years}", b + years),
+             ("sum of the ages", f"{a + years} + {b + years}", a + b + 2 * years)], a + b + 2 * years)
+
+
+def _workers(r):  # out of domain: rates
+    n, per_hour, hours, done = r.randint(2, 6), r.randint(3, 12), r.randint(2, 8), r.randint(5, 40)
+    made = n * per_hour * hours
+    return (f"{n} workers each pack {per_hour} boxes an hour for {hours} hours. {done} boxes were already "
+            f"packed before they started. How many boxes are packed at the end?",
+            [("boxes per hour for the team", f"{n} x {per_hour}", n * per_hour),
+             ("boxes packed in the shift", f"{n * per_hour} x {hours}", made),
+             ("boxes at the end", f"{made} + {done}", made + done)], made + done)
+
+
+SPLIT_FAMILIES = {"train": [_purchase, _saving, _packs], "test": [_purchase, _saving, _packs],
+                  "ood": [_trip, _fence, _ages, _workers]}
+SPLIT_SEED_OFFSETS = {"train": 1000, "test": 2000, "ood": 3000}  # disjoint random streams per split
+
+GENERAL_PROMPTS = [
+    "Write a short poem about the sea.", "Explain photosynthesis in two sentences.",
+    "Give three tips for sleeping better.", "What is the capital of France, and what is it known for?",
+    "Describe a cat to someone who has never seen one.", "Write a polite email declining a meeting.",
+    "Why is the sky blue?", "Suggest a name for a small bakery and explain it.",
+    "Summarize the story of Cinderella in three sentences.", "What are the benefits of drinking water?",
+    "Explain what a computer program is to a child.", "List four fruits that are rich in vitamin C.",
+    "How do I make a cup of tea?", "Write a haiku about autumn leaves.",
+    "What should I pack for a weekend camping trip?", "Explain the difference between weather and climate.",
+    "Give me a fun fact about octopuses.", "Write a short thank-you note to a teacher.",
+    "What is the water cycle?", "Describe your ideal weekend in a few sentences.",
+    "How can I be more productive when working from home?", "Explain why exercise is good for the brain.",
+    "Write a two-line dialogue between a robot and a bird.", "What are some good habits for saving money?",
+]
+
+
+def textbook_solution(steps, answer) -> str:
+    lines = [f"Step {i}. The {what}: {expr} = {value}." for i, (what, expr, value) in enumerate(steps, 1)]
+    return "\n".join(lines + [f"Answer: \\boxed{{{answer}}}"])
+
+
+def make_split(split: str, n: int, seed: int, exclude=()) -> list[dict]:
+    """n distinct problems of a split; prompts in `exclude` (the training set) are skipped."""
+    if split == "general":
+        return [{"prompt": p} for p in GENERAL_PROMPTS[:n]]
+    r = random.Random(seed * 10_000 + SPLIT_SEED_OFFSETS[split])
+    seen, rows = set(exclude), []
+    while len(rows) < n:
+        prompt, steps, answer = r.choice(SPLIT_FAMILIES[split])(r)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "response": textbook_solution(steps, answer), "answer": str(answer)})
+    return rows
+
+
 def write_jsonl(rows: list[dict], out: Path) -> None:
     """To a temporary name, then renamed: a crash never leaves a half-written file at `out`."""
     out = Path(out)
@@ -133,8 +256,19 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=128, help="number of problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    p.add_argument("--split", choices=["sft", "train", "test", "ood", "general"], default="sft",
+                   help="sft: the bundled short solutions (data/math_sft.jsonl); train / test: multi-step "
+                        "problems with textbook solutions (test holds none of train's prompts, made with the "
+                        "same --seed and --train-n); ood: other families, more steps; general: prompts for "
+                        "the retention check")
+    p.add_argument("--train-n", type=int, default=512, help="with --split test: the training set to hold out")
     args = p.parse_args(argv)
-    write_jsonl(make_rows(args.n, args.seed), args.out)
+    if args.split == "sft":
+        rows = make_rows(args.n, args.seed)
+    else:
+        exclude = [r["prompt"] for r in make_split("train", args.train_n, args.seed)] if args.split == "test" else ()
+        rows = make_split(args.split, args.n, args.seed, exclude)
+    write_jsonl(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 
 Rows are sharded over the N / T data-parallel groups; each group appends finished rows to its own
 shard file (flushed per row), so a restarted run skips the rows already done. At the end rank 0
-merges DIR/realigned.jsonl in input order and writes DIR/summary.json."""
+merges DIR/realigned.jsonl in input order, DIR/realigned.filtered.jsonl (the rows to train on:
+those that ended with EOS, not by length or repetition, unless --keep-unfinished, and pass
+--min-avg-phi / --require-answer-match) and DIR/summary.json."""
 import argparse
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -26,7 +27,7 @@ from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
                                         stop_token_ids)
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
-from megatron_onpolicy.generate.sampling import seeded_generator  # noqa: E402
+from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, repair_shards,  # noqa: E402
                                        shard_files, shard_path, write_json_atomic, write_jsonl_atomic)
@@ -51,23 +52,21 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hint-template", help="file with {question} and {answer}; replaces the default hint prompt")
     p.add_argument("--analysis-template", help="file with {question} and {answer}; turns the analysis stage on")
-    p.add_argument("--min-avg-phi", type=float, help="also write realigned.filtered.jsonl: rows at or above this avg phi")
+    p.add_argument("--min-avg-phi", type=float, help="realigned.filtered.jsonl: only rows at or above this avg phi")
     p.add_argument("--require-answer-match", action="store_true",
-                   help="also write realigned.filtered.jsonl: rows whose realigned answer matches")
+                   help="realigned.filtered.jsonl: only rows whose realigned answer matches")
+    p.add_argument("--keep-unfinished", action="store_true",
+                   help="realigned.filtered.jsonl: also rows that ended by length or repetition")
     args = p.parse_args(argv)
     if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         p.error("--piecewise-bounds H1 H2 needs H1 < H2")
     return args
 
 
-def batch_generator(seed: int, indices, device):
-    """A generator seeded by the run's seed and the batch's rows: a restarted run, or another
-    data-parallel layout with the same batches, draws the same numbers."""
-    digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
-    return seeded_generator(int.from_bytes(digest[:7], "little"), device)
-
-
 def keep(row, args) -> bool:
+    """Whether a row goes to realigned.filtered.jsonl, the file to train on."""
+    if not args.keep_unfinished and row["end_reason"] != "eos":
+        return False  # cut text: training on it would teach the model to stop there
     if args.min_avg_phi is not None and (row["avg_phi_realigned"] is None or row["avg_phi_realigned"] < args.min_avg_phi):
         return False
     return not args.require_answer_match or row.get("answer_match") is True
@@ -84,8 +83,7 @@ def summarize(rows, args):
             "mean_avg_phi_original": mean([r["avg_phi_original"] for r in rows]),
             "mean_avg_phi_realigned": mean([r["avg_phi_realigned"] for r in done]),
             "answer_match_rate": mean([float(m) for m in matches]),
-            "filtered_rows": sum(keep(r, args) for r in rows)
-            if args.min_avg_phi is not None or args.require_answer_match else None}
+            "filtered_rows": sum(keep(r, args) for r in rows)}
 
 
 def main():
@@ -142,8 +140,10 @@ def main():
                                 [d[args.response_key] for d in data], params, hint, hint_template,
                                 analysis_template, batch_generator(args.seed, batch, cli.device()))
         # DDT under the plain prompt, exactly as tools/ddt_score.py scores a response.
+        # A response cut by length or repetition did not end there: no EOS target when scored.
         realigned = {i: tokenize_row(tokenizer, {args.prompt_key: d[args.prompt_key], args.response_key: r.text},
-                                     rows[i].source, i, args.prompt_key, args.response_key)
+                                     rows[i].source, i, args.prompt_key, args.response_key,
+                                     eos=r.end_reason == "eos")
                      for i, d, r in zip(batch, data, results) if r.text.strip()}
         phi_orig = {s["index"]: s["avg_phi"] for s in score_batch(model, [originals[i] for i in batch], pad)}
         phi_new = {s["index"]: s["avg_phi"] for s in score_batch(model, list(realigned.values()), pad)} if realigned else {}
@@ -165,8 +165,7 @@ def main():
         parts = shard_files(shards)
         merged = [r["row"] for r in collect_shards(parts, len(rows))]
         write_jsonl_atomic(final, merged)
-        if args.min_avg_phi is not None or args.require_answer_match:
-            write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
+        write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
         remove_shards(parts)
         summary = summarize(merged, args)
         write_json_atomic(out_dir / "summary.json", summary)

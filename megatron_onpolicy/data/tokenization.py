@@ -25,7 +25,8 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
 
 
 def tokenize_row(tokenizer, row: dict, source: str, index: int, prompt_key="prompt",
-                 response_key="response", messages_key="messages") -> Sample:
+                 response_key="response", messages_key="messages", eos: bool = True) -> Sample:
+    """eos=False: a response that was cut (it did not end there) gets no EOS target."""
     if prompt_key not in row and response_key not in row:
         if messages_key in row:
             return _tokenize_messages(tokenizer, row[messages_key], source, index, messages_key)
@@ -36,7 +37,7 @@ def tokenize_row(tokenizer, row: dict, source: str, index: int, prompt_key="prom
     if not response.strip():
         raise DataError(f"{source}: field '{response_key}': empty response")
     prompt_ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
+    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id] * eos
     return Sample(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids),
                   len(prompt_ids), index)
 

@@ -1,7 +1,16 @@
-"""The final answer of a solution: the last \\boxed{...} (braces balanced), else the last number."""
-import re
+"""The final answer of a solution and how a grader compares it with a reference.
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+The answer is the last \\boxed{...} (braces balanced, so \\boxed{\\frac{1}{2}} is whole), else the
+last number in the text. Answers compare after normalization: no spaces, $, \\text{}, thousands
+commas, trailing period or unit; numbers (integers, decimals, a/b, \\frac{a}{b}) by exact value,
+so 1,250 == 1250.0 and \\frac{1}{2} == 0.5 == 1/2."""
+import re
+from fractions import Fraction
+
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER = re.compile(rf"{_NUM}(?:/\d+(?!\.\d))?")
+_FRAC = re.compile(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
+_UNIT = re.compile(r"(?:\\?%|\^\{?\\circ\}?|°|[a-zA-Z][a-zA-Z./^0-9]*)$")
 
 
 def last_boxed(text: str):
@@ -24,14 +33,29 @@ def final_answer(text: str):
     return numbers[-1] if numbers else None
 
 
+def _value(s: str):
+    """The exact value of a plain number or fraction (thousands commas allowed), else None."""
+    m = _FRAC.fullmatch(s)
+    if m:
+        s = f"{m.group(1)}({m.group(2)})/({m.group(3)})"
+    m = re.fullmatch(rf"(-?)\(?({_NUM})\)?(?:/\(?({_NUM})\)?)?", s)
+    if not m:
+        return None
+    num = Fraction(m.group(2).replace(",", ""))
+    den = Fraction(m.group(3).replace(",", "")) if m.group(3) else Fraction(1)
+    if den == 0:
+        return None
+    return (-1 if m.group(1) else 1) * num / den
+
+
 def normalize(answer) -> str:
-    """Compare answers the way a grader would: no spaces, $, thousands commas or trailing period;
-    numbers in one canonical form (12.0 == 12)."""
-    s = str(answer).strip().rstrip(".").replace("$", "").replace(" ", "")
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
-    if re.fullmatch(r"-?\d[\d,]*(\.\d+)?", s):
-        value = float(s.replace(",", ""))
-        return str(int(value)) if value.is_integer() else repr(value)
+    """A canonical string: numbers as their exact value ("1250", "1/2"), other answers stripped."""
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", str(answer))
+    s = re.sub(r"\\[,!; ]|\\?\$|\s", "", s).rstrip(".")
+    for candidate in (s, _UNIT.sub("", s)):  # "12dollars", "50\%", "90^\circ" -> the number
+        value = _value(candidate)
+        if value is not None:
+            return str(value)
     return s
 
 

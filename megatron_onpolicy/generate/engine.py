@@ -23,7 +23,7 @@ class SamplingParams:
     top_k: int = 0             # 0: off
     max_new_tokens: int = 256
     eos_ids: tuple = ()        # a row stops after emitting any of these (kept in its tokens)
-    repeat_window: int = 30    # repetition guard: stop when the last window * count tokens loop
+    repeat_window: int = 30    # repetition guard: stop when some window-token block occurs count times
     repeat_count: int = 5
     seed: int = 0              # the same on every TP rank, so every rank samples the same tokens
 

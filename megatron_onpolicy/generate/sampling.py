@@ -2,11 +2,20 @@
 
 Every tensor-parallel rank calls this on the same gathered logits with a generator seeded the same
 way, so every rank picks the same token without a broadcast."""
+import hashlib
+
 import torch
 
 
 def seeded_generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def batch_generator(seed: int, indices, device) -> torch.Generator:
+    """A generator seeded by the run's seed and the batch's rows: a restarted run, or another
+    data-parallel layout with the same batches, draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
+    return seeded_generator(int.from_bytes(digest[:7], "little"), device)
 
 
 def sample(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):

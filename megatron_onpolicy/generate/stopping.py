@@ -6,17 +6,26 @@ _TAIL_SLACK = 4
 
 
 def is_repeating(tokens: list[int], window: int = 30, count: int = 5) -> bool:
-    """True when the last window * count tokens repeat with some period p <= window.
+    """True when the last `window` tokens occur `count` times in `tokens` (overlaps included).
 
-    For p = window this is "a window-token block repeated count times at the end"; shorter loops
-    (say 7 tokens) are caught over the same span, which the block test alone would miss when p does
-    not divide window. Short periods still need window * count tokens, so a run of zeros in a
-    number does not trigger it."""
-    span = window * count
-    if window <= 0 or count <= 1 or len(tokens) < span:
+    Called after every appended token, this stops a row the moment any window-token block first
+    occurs `count` times in its output: a new occurrence of a block always ends at the last token,
+    so the last window is the only one whose count can have just grown. A loop of any period p
+    that fits the output is caught, after window + (count - 1) * p tokens of it: a repeated
+    sentence or paragraph as well as a short loop."""
+    if window <= 0 or count <= 1 or len(tokens) < window + count - 1:
         return False
-    tail = tokens[-span:]
-    return any(tail[p:] == tail[:-p] for p in range(1, window + 1))
+    last = tokens[-window:]
+    first, seen, i = last[0], 1, 0
+    end = len(tokens) - window  # start positions of the earlier windows: [0, end)
+    while seen < count:
+        try:
+            i = tokens.index(first, i, end)  # C-speed scan to the next candidate start
+        except ValueError:
+            return False
+        seen += tokens[i:i + window] == last
+        i += 1
+    return True
 
 
 def text_appeared(tokenizer, tokens: list[int], text: str) -> bool:

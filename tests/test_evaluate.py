@@ -1,0 +1,168 @@
+"""tools/evaluate.py: answer grading, pass@k, T = 1 vs T = 3 on the real model, a killed run resumed."""
+import itertools
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_onpolicy.generate.answers import answers_match, final_answer, normalize
+from tests.dist_utils import free_port
+from tests.test_realign import complete_lines, tiny_model  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = str(ROOT / "tools" / "evaluate.py")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+sys.path.insert(0, str(ROOT / "tools"))
+from evaluate import pass_at_k  # noqa: E402
+
+GRADING = [  # (solution text, reference answer, graded correct)
+    ("so \\boxed{\\frac{1}{2}} done", "0.5", True),          # nested braces, fraction == decimal
+    ("\\boxed{\\dfrac{3}{4}}", "3/4", True),
+    ("It is 3/4 of the cake.", "0.75", True),                 # last number, a plain fraction
+    ("first 3, then 1,250 apples", "1250", True),            # thousands comma, not a list comma
+    ("total 1,000,000 cm", "1000000", True),
+    ("The answer is \\boxed{1,250.}", "1250", True),          # trailing period
+    ("We get 12.0 in the end.", "12", True),
+    ("costs $12.50.", "12.5", True),
+    ("\\boxed{12 \\text{ dollars}}", "12", True),             # trailing units
+    ("\\boxed{5 cm}", "5", True),
+    ("\\boxed{\\$5}", "$5", True),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{1} or rather \\boxed{2}", "2", True),           # several boxes: the last
+    ("\\boxed{1} or rather \\boxed{2}", "1", False),
+    ("\\boxed{-7}", "-7", True),
+    ("\\boxed{-7}", "7", False),
+    ("\\boxed{12}", "12.5", False),
+    ("\\boxed{x^{2}+1}", "x^{2} + 1", True),                  # not a number: compared as text
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}", True),
+    ("the box is cut \\boxed{12", "12", True),                # unclosed box: the last number
+    ("no number at all", "0", False),
+]
+
+
+@pytest.mark.parametrize("text, reference, correct", GRADING)
+def test_answer_grading(text, reference, correct):
+    assert answers_match(text, reference) is correct
+
+
+def test_extraction_and_normal_forms():
+    assert final_answer("\\boxed{\\frac{a}{\\sqrt{b}}} and 3") == "\\frac{a}{\\sqrt{b}}"
+    assert final_answer("1, 2 and 3,5") == "5"
+    assert final_answer("nothing") is None
+    assert normalize("1,250") == normalize("1250.00") == "1250"
+    assert normalize("\\frac{2}{4}") == normalize("0.5") == normalize("1/2") == "1/2"
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (5, 2, 4), (6, 3, 3), (4, 4, 2), (8, 1, 8)])
+def test_pass_at_k_is_the_mean_over_all_k_subsets(n, c, k):
+    outcomes = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(outcomes, k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_tp3_equals_tp1_greedy_on_smollm2(tmp_path):
+    rows = read_jsonl(ROOT / "data" / "math_sft.jsonl")[:2]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [TOOL, "--model", "smollm2-135m", "--data", str(data), "--max-new-tokens", "32"]
+    one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "tp1.jsonl")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    three = subprocess.run([DEEPSPEED, "--num_gpus", "3", "--master_port", str(free_port())] + common
+                           + ["--out", str(tmp_path / "tp3.jsonl"), "--tensor-model-parallel-size", "3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
+    tp1, tp3 = read_jsonl(tmp_path / "tp1.jsonl"), read_jsonl(tmp_path / "tp3.jsonl")
+    assert [r["completions"] for r in tp3] == [r["completions"] for r in tp1]
+    for got, row in zip(tp1, rows):
+        assert {k: got[k] for k in row} == row
+        (text,), (reason,), (n,), (ddt,) = got["completions"], got["end_reasons"], got["num_tokens"], got["ddt"]
+        assert got["extracted"] == [final_answer(text)] and got["correct"] == [answers_match(text, row["answer"])]
+        assert text.strip() and 0 < n <= 32 and reason in ("eos", "max-length", "repeating")
+        assert ddt["num_tokens"] == n  # the completion's own tokens: EOS only where it ended there
+    summary = json.loads((tmp_path / "tp1.summary.json").read_text())
+    assert summary["pass@1"] == sum(r["correct"][0] for r in tp1) / 2
+    assert summary["ddt"]["rows"] == 2 and sum(summary["end_reasons"].values()) == 2
+
+
+def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path):  # noqa: F811
+    rows = [dict(r, id=i) for i, r in enumerate(read_jsonl(ROOT / "data" / "math_sft.jsonl")[:24])]
+    data, out = tmp_path / "data.jsonl", tmp_path / "eval" / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = lambda: [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TOOL, "--model", str(tiny_model),
+                   "--data", str(data), "--out", str(out), "--max-new-tokens", "48", "--batch-size", "1",
+                   "--samples", "2", "--temperature", "1"]
+    first = subprocess.Popen(cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while complete_lines(out.parent) < 2:
+        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
+             if TOOL in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    ranks[0].send_signal(signal.SIGKILL)
+    first.communicate(timeout=120)
+    assert first.returncode != 0 and not out.exists()
+    # Mark every finished row: a restart that generated one again would overwrite the mark.
+    done = {}
+    for part in out.parent.glob("*.part-*"):
+        lines = part.read_bytes().splitlines(keepends=True)
+        good = []
+        for line in lines:
+            if line.endswith(b"\n"):
+                entry = json.loads(line)
+                entry["row"]["completions"] = ["kept"] * 2
+                done[entry["index"]] = entry["row"]
+                good.append(json.dumps(entry) + "\n")
+            else:
+                good.append(line.decode(errors="replace"))  # a torn last line stays torn
+        part.write_text("".join(good))
+    assert 2 <= len(done) < len(rows)
+
+    second = subprocess.run(cmd(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming: {len(done)} rows already done" in second.stdout
+    final = read_jsonl(out)
+    assert [r["id"] for r in final] == list(range(len(rows)))  # every row once, in input order
+    for i, got in enumerate(final):
+        assert (got["completions"] == ["kept"] * 2) == (i in done)
+        assert len(got["correct"]) == len(got["end_reasons"]) == len(got["ddt"]) == 2
+    assert not list(out.parent.glob("*.part-*"))
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert summary["rows"] == len(rows) and "pass@2" in summary
+
+
+@pytest.mark.parametrize("split, n, name", [("train", 512, "math_train"), ("test", 64, "math_test"),
+                                            ("ood", 64, "math_ood"), ("general", 24, "general_prompts")])
+def test_task_splits_are_reproducible_and_correct(split, n, name, tmp_path):
+    out = tmp_path / f"{split}.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_math_data.py"), "--split", split, "--n", str(n),
+                    "--out", str(out)], check=True, timeout=120)
+    assert out.read_bytes() == (ROOT / "data" / f"{name}.jsonl").read_bytes()
+    rows = read_jsonl(out)
+    assert len({r["prompt"] for r in rows}) == n
+    if split == "general":
+        return
+    if split == "test":  # held out: no training prompt
+        assert not {r["prompt"] for r in rows} & {r["prompt"] for r in read_jsonl(ROOT / "data" / "math_train.jsonl")}
+    lengths = []
+    for r in rows:
+        steps = r["response"].splitlines()[:-1]
+        lengths.append(len(steps))
+        for step in steps:  # every step's arithmetic is right
+            a, op, b, value = re.search(r"(\d+) ([-+x/]) (\d+) = (\d+)\.$", step).groups()
+            a, b = int(a), int(b)
+            assert {"+": a + b, "-": a - b, "x": a * b, "/": a / b}[op] == int(value)
+        assert value == r["answer"] and answers_match(r["response"], r["answer"])
+    assert min(lengths) == 3 and (sum(lengths) / n > 3.5 if split == "ood" else max(lengths) == 3)  # OOD: more steps

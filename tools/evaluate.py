@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Accuracy of a model on a question/answer dataset, and how on-policy its own answers are.
+
+    deepspeed --num_gpus N tools/evaluate.py --model MODEL | --load CKPT_DIR --data FILE --out OUT.jsonl \
+        --tensor-model-parallel-size T [--prompt-key prompt] [--answer-key answer] [--samples K] \
+        [--temperature 0] [--top-p 1] [--max-new-tokens 512]
+
+Each row's question (plain chat prompt, as in training) gets K completions; the final answer of
+each (generate/answers.py) is compared with the row's reference answer. Rows are sharded over the
+N / T data-parallel groups and flushed per row, so a restarted run skips the rows already done.
+OUT.jsonl: the row's fields plus `completions`, `extracted`, `correct`, `end_reasons`, `num_tokens`
+and `ddt` (the DDT statistics of each completion under the plain prompt; a completion cut by
+length or repetition is scored without EOS). OUT.summary.json: pass@1, unbiased pass@k, mean
+length, end reasons and the DDT summary of all completions.
+
+--load takes a training run's --save folder: its checkpoint (--tag, default the latest) is first
+exported to OUT.hf/ (kept, so a restart reuses it), on the layout it was saved with."""
+import argparse
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy.data import DataError, Sample, read_rows, shard_indices  # noqa: E402
+from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
+from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
+from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: E402
+from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
+from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
+from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
+from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
+                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.parallel import state  # noqa: E402
+from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    p.add_argument("--load", help="a training run's --save folder (instead of --model)")
+    p.add_argument("--tag", help="with --load: the checkpoint (default: the latest)")
+    p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
+    p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
+    p.add_argument("--prompt-key", default="prompt")
+    p.add_argument("--answer-key", default="answer", help="'' = no grading: only completions and DDT")
+    p.add_argument("--samples", type=int, default=1, help="completions per row (k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (each k completions)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        p.error("--samples must be >= 1")
+    return args
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize_eval(rows, samples: int) -> dict:
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
+    completions = [d for r in rows for d in r["ddt"]]
+    graded = all("correct" in r for r in rows)
+    return {"rows": len(rows), "samples": samples,
+            **{f"pass@{k}": sum(pass_at_k(samples, sum(r["correct"]), k) for r in rows) / len(rows)
+               for k in ks if graded},
+            "mean_num_tokens": sum(n for r in rows for n in r["num_tokens"]) / (len(rows) * samples),
+            "end_reasons": dict(Counter(e for r in rows for e in r["end_reasons"])),
+            "ddt": summarize(completions)}
+
+
+def question_and_answer(row, args):
+    for key in filter(None, (args.prompt_key, args.answer_key)):
+        if key not in row.data:
+            raise DataError(f"{row.source}: field '{key}' missing")
+    if not isinstance(row.data[args.prompt_key], str):
+        raise DataError(f"{row.source}: field '{args.prompt_key}' must be a string")
+    return row.data[args.prompt_key], row.data[args.answer_key] if args.answer_key else None
+
+
+def resolve_model(args, out: Path) -> str:
+    """The model to evaluate; a checkpoint is exported to OUT.hf/ first (on its own layout)."""
+    if not args.load:
+        return args.model
+    folder = out.with_name(out.name.removesuffix(".jsonl") + ".hf")
+    if not (folder / "config.json").exists():
+        from megatron_onpolicy.train.export import export_checkpoint
+        export_checkpoint(args.load, args.tag, folder)
+    return str(folder)
+
+
+def score_completions(model, prompt_ids, generations, pad_id):
+    """DDT statistics of each completion's own tokens under its plain prompt (a completion cut by
+    length or repetition holds no EOS, so none is scored)."""
+    samples = [Sample(p + g.tokens, [0] * len(p) + [1] * len(g.tokens), len(p), i)
+               for i, (p, g) in enumerate(zip(prompt_ids, generations))]
+    stats = {}
+    for batch in length_sorted_batches(samples, 16):
+        for s in score_batch(model, batch, pad_id):
+            stats[s.pop("index")] = s
+    return [stats[i] for i in range(len(samples))]
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = resolve_model(args, out)
+    folder, arch = load_arch(name)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
+
+    tokenizer = load_tokenizer(folder)
+    rows = read_rows(args.data)
+    prompts, error = {}, None
+    try:  # every row of this shard is checked before any work
+        for i in shard_indices(len(rows), dp_rank, dp):
+            prompts[i] = plain_prompt_ids(tokenizer, question_and_answer(rows[i], args)[0])
+    except DataError as e:
+        error = str(e)
+    error = cli.first_error(error)
+    if error:
+        raise DataError(error)
+
+    part = shard_path(out, dp_rank, dp)
+    writer = ShardWriter(part) if tp_rank == 0 else None  # opening it cuts a torn last line
+    done = [writer.done if writer else None]
+    dist.broadcast_object_list(done, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+    todo = [i for i in prompts if i not in done[0]]
+    resumed = torch.tensor([len(prompts) - len(todo)])
+    dist.all_reduce(resumed)  # counted once per TP rank
+    resumed = resumed.item() // args.tensor_model_parallel_size
+    if dist.get_rank() == 0 and resumed:
+        print(f"resuming: {resumed} rows already done", flush=True)
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, _ = load_model(name, tp_group, dtype, cli.device())
+    model.eval()
+    eos = stop_token_ids(tokenizer, folder)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            eos_ids=eos, seed=args.seed)
+    pad, k = tokenizer.pad_token_id or 0, args.samples
+    bar = tqdm(total=len(rows), initial=resumed, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
+               file=sys.stdout)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        batch_prompts = [prompts[i] for i in batch for _ in range(k)]
+        gens = generate(model, batch_prompts, params, batch_generator(args.seed, batch, cli.device()))
+        ddt = score_completions(model, batch_prompts, gens, pad)
+        for j, i in enumerate(batch):
+            mine = gens[j * k:(j + 1) * k]
+            texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
+            row = dict(rows[i].data, completions=texts)
+            if args.answer_key:
+                reference = normalize(question_and_answer(rows[i], args)[1])
+                row["extracted"] = [final_answer(t) for t in texts]
+                row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
+            row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
+                       ddt=ddt[j * k:(j + 1) * k])
+            if writer:
+                writer.write({"index": i, "row": row})
+        bar.update(len(batch) * dp)
+    bar.close()
+    if writer:
+        writer.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        parts = [shard_path(out, r, dp) for r in range(dp)]
+        merged = [r["row"] for r in collect_shards(parts, len(rows))]
+        write_jsonl_atomic(out, merged)
+        remove_shards(parts)
+        summary = summarize_eval(merged, k)
+        summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+        write_json_atomic(summary_path, summary)
+        for key, value in summary.items():
+            print(f"{key:>16}: {value}")
+        print(f"wrote {out} and {summary_path}")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    cli.run(main, "evaluate", (TrainConfigError,))
