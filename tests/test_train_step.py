@@ -68,7 +68,9 @@ def train_one_step(s, name, lr):
                     "--deepspeed_config", ROOT / "ds_configs" / "zero1_fp32.json",
                     runner="torchrun")  # a free port of its own: other jobs may hold deepspeed's default
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return load_file(out / "hf" / "model.safetensors"), read_metrics(out)[0]
+    # The export writes one safetensors file per pipeline stage.
+    trained = {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    return trained, read_metrics(out)[0]
 
 
 def dense_step(folder, train, kind):
