@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+import torch.distributed as dist
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never a half-written one."""
@@ -87,12 +89,29 @@ def shard_files(out: Path) -> list:
     return sorted(out.parent.glob(f"{out.name}.part-*-of-*"))
 
 
-def repair_shards(out: Path) -> set:
-    """Cut torn last lines off every shard file of `out`; -> the row indices they hold. One rank
-    calls it before the writers open their files."""
+def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool) -> tuple:
+    """Every rank calls this, before any work: -> (this rank's ShardWriter, or None where it does
+    not write; the indices of the rows any earlier run wrote, whatever its number of ranks).
+    Rank 0 first cuts torn last lines off every shard file of `out`, so nothing reads them."""
     done = set()
-    for part in shard_files(out):
-        writer = ShardWriter(part)
-        writer.close()
-        done |= writer.done
-    return done
+    if dist.get_rank() == 0:
+        for part in shard_files(out):
+            writer = ShardWriter(part)
+            writer.close()
+            done |= writer.done
+    done = [done]
+    dist.broadcast_object_list(done, src=0)
+    return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done[0]
+
+
+def merge_shards(out: Path, expected: int, final: Path, field: str = None) -> list:
+    """Rank 0, once every rank has finished: the rows of all shard files of `out` in input order
+    (each row's `field` where rows are wrapped) -> `final`, written atomically; then the shards,
+    no longer the only copy, are removed. -> the merged rows."""
+    parts = shard_files(out)
+    rows = collect_shards(parts, expected)
+    if field:
+        rows = [r[field] for r in rows]
+    write_jsonl_atomic(final, rows)
+    remove_shards(parts)
+    return rows

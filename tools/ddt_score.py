@@ -21,8 +21,7 @@ from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, repair_shards,  # noqa: E402
-                                       shard_files, shard_path, write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import merge_shards, open_shards, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -70,12 +69,9 @@ def main():
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
-    # The rows any earlier run wrote, whatever its number of ranks (torn last lines cut first).
-    done = [repair_shards(out) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(done, src=0)
-    writer = ShardWriter(shard_path(out, dp_rank, dp)) if writes else None
-    batches = length_sorted_batches([s for s in mine if s.index not in done[0]], args.micro_batch_size)
-    bar = tqdm(total=len(rows), initial=len(done[0]), desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
+    writer, done = open_shards(out, dp_rank, dp, writes)
+    batches = length_sorted_batches([s for s in mine if s.index not in done], args.micro_batch_size)
+    bar = tqdm(total=len(rows), initial=len(done), desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for batch in preempt.in_lockstep(batches, cli.device()):
         stop.exit_if_agreed(cli.device(), "ddt_score", f"finished rows are in {out}.part-*")
@@ -91,10 +87,7 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        parts = shard_files(out)
-        merged = collect_shards(parts, len(rows))
-        write_jsonl_atomic(out, merged)
-        remove_shards(parts)
+        merged = merge_shards(out, len(rows), out)
         summary = summarize(merged)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)

@@ -36,8 +36,7 @@ from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: 
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, shard_path,  # noqa: E402
-                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import merge_shards, open_shards, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
@@ -136,16 +135,10 @@ def main():
     if error:
         raise DataError(error)
 
-    part = shard_path(out, dp_rank, dp)
-    writer = ShardWriter(part) if tp_rank == 0 else None  # opening it cuts a torn last line
-    done = [writer.done if writer else None]
-    dist.broadcast_object_list(done, src=dist.get_global_rank(tp_group, 0), group=tp_group)
-    todo = [i for i in prompts if i not in done[0]]
-    resumed = torch.tensor([len(prompts) - len(todo)])
-    dist.all_reduce(resumed)  # counted once per TP rank
-    resumed = resumed.item() // args.tensor_model_parallel_size
-    if dist.get_rank() == 0 and resumed:
-        print(f"resuming: {resumed} rows already done", flush=True)
+    writer, done = open_shards(out, dp_rank, dp, tp_rank == 0)
+    todo = [i for i in prompts if i not in done]
+    if dist.get_rank() == 0 and done:
+        print(f"resuming: {len(done)} rows already done", flush=True)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(name, tp_group, dtype, cli.device())
@@ -154,7 +147,7 @@ def main():
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=eos, seed=args.seed)
     pad, k = tokenizer.pad_token_id or 0, args.samples
-    bar = tqdm(total=len(rows), initial=resumed, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
+    bar = tqdm(total=len(rows), initial=len(done), desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
@@ -179,10 +172,7 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        parts = [shard_path(out, r, dp) for r in range(dp)]
-        merged = [r["row"] for r in collect_shards(parts, len(rows))]
-        write_jsonl_atomic(out, merged)
-        remove_shards(parts)
+        merged = merge_shards(out, len(rows), out, "row")
         summary = summarize_eval(merged, k)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)

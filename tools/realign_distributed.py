@@ -29,8 +29,8 @@ from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decod
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (ShardWriter, collect_shards, remove_shards, repair_shards,  # noqa: E402
-                                       shard_files, shard_path, write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import (merge_shards, open_shards, write_json_atomic,  # noqa: E402
+                                       write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -114,13 +114,10 @@ def main():
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
     shards = out_dir / "shards" / final.name
-    # The rows any earlier run wrote, whatever its number of ranks (torn last lines cut first).
-    done = [repair_shards(shards) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(done, src=0)
-    writer = ShardWriter(shard_path(shards, dp_rank, dp)) if tp_rank == 0 else None
-    todo = [i for i in originals if i not in done[0]]
-    if dist.get_rank() == 0 and done[0]:
-        print(f"resuming: {len(done[0])} rows already done", flush=True)
+    writer, done = open_shards(shards, dp_rank, dp, tp_rank == 0)
+    todo = [i for i in originals if i not in done]
+    if dist.get_rank() == 0 and done:
+        print(f"resuming: {len(done)} rows already done", flush=True)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, tp_group, dtype, cli.device())
@@ -128,7 +125,7 @@ def main():
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
     pad = tokenizer.pad_token_id or 0
-    bar = tqdm(total=len(rows), initial=len(done[0]), desc="realign",
+    bar = tqdm(total=len(rows), initial=len(done), desc="realign",
                unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
     batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
     for batch in preempt.in_lockstep(batches, cli.device()):
@@ -162,11 +159,8 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        parts = shard_files(shards)
-        merged = [r["row"] for r in collect_shards(parts, len(rows))]
-        write_jsonl_atomic(final, merged)
+        merged = merge_shards(shards, len(rows), final, "row")
         write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
-        remove_shards(parts)
         summary = summarize(merged, args)
         write_json_atomic(out_dir / "summary.json", summary)
         for key, value in summary.items():
