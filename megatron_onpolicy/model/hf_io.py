@@ -166,12 +166,22 @@ def save_hf_folder(state: dict, cfg: ArchConfig, tokenizer, out: Path, dtype=Non
     split = split_torch_state_dict_into_shards(state, max_shard_size="4GB")
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, tmp / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {}, "weight_map": split.tensor_to_filename}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf = cfg.hf_config
-    hf.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    hf.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    write_hf_extras(tmp, cfg, tokenizer, next(iter(state.values())).dtype,
+                    split.tensor_to_filename if split.is_sharded else None)
     replace_dir(tmp, out)
+
+
+def write_hf_extras(folder: Path, cfg: ArchConfig, tokenizer, dtype, weight_map: dict = None,
+                    total_size: int = None) -> None:
+    """What a transformers folder holds besides its safetensors files: the config (with the
+    weights' dtype), the tokenizer, and where the weights are sharded (weight_map: tensor name ->
+    file) the index."""
+    if weight_map is not None:
+        index = {"metadata": {} if total_size is None else {"total_size": total_size},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = cfg.hf_config
+    hf.dtype = str(dtype).removeprefix("torch.")
+    hf.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

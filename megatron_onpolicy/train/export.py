@@ -2,7 +2,6 @@
 replica 0 merges its TP shards (model/hf_io.gather_hf_state) and its TP rank 0 writes them as the
 stage's own safetensors file; rank 0 adds the index, config and tokenizer. No rank holds more than
 its own stage, and nothing but tensor names travels between stages."""
-import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .. import cli
-from ..model.hf_io import gather_hf_state
+from ..model.hf_io import gather_hf_state, write_hf_extras
 from ..model.hub import replace_dir
 from ..model.loader import load_arch, load_tokenizer
 from ..parallel import state
@@ -53,14 +52,8 @@ def export_hf(pipe, tokenizer, out) -> None:
                 if k not in weight_map:
                     weight_map[k] = f"model-{s + 1:05d}-of-{pp:05d}.safetensors" if pp > 1 else "model.safetensors"
                     size += nbytes
-        if pp > 1:
-            index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf = pipe.cfg.hf_config
-        hf.dtype = str(next(p.dtype for p in pipe.parameters())).removeprefix("torch.")
-        hf.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_hf_extras(tmp, pipe.cfg, tokenizer, next(p.dtype for p in pipe.parameters()),
+                        weight_map if pp > 1 else None, size)
         replace_dir(tmp, out)
     dist.barrier()
 
