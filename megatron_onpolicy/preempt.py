@@ -45,7 +45,6 @@ class Stop:
             return "signal" + (f" {signal.Signals(self.received).name}" if self.received else " on another rank")
         return "time limit (--exit-duration-in-mins)" if timed_out else None
 
-
     def exit_if_agreed(self, device, prog: str, where: str, group=None) -> None:
         why = self.agreed(device, group)
         if why:

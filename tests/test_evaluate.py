@@ -2,18 +2,15 @@
 import itertools
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from megatron_onpolicy.generate.answers import answers_match, final_answer, normalize
 from tests.dist_utils import free_port
-from tests.test_realign import complete_lines, tiny_model  # noqa: F401 (a fixture)
+from tests.test_realign import kill_a_rank, tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
@@ -103,17 +100,7 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     cmd = lambda: [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TOOL, "--model", str(tiny_model),
                    "--data", str(data), "--out", str(out), "--max-new-tokens", "48", "--batch-size", "1",
                    "--samples", "2", "--temperature", "1"]
-    first = subprocess.Popen(cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while complete_lines(out.parent) < 2:
-        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
-        time.sleep(0.02)
-    ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
-             if TOOL in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
-    assert len(ranks) == 2, [p.cmdline() for p in ranks]
-    ranks[0].send_signal(signal.SIGKILL)
-    first.communicate(timeout=120)
-    assert first.returncode != 0 and not out.exists()
+    assert kill_a_rank(cmd(), out.parent, TOOL) != 0 and not out.exists()
     # Mark every finished row: a restart that generated one again would overwrite the mark.
     done = {}
     for part in out.parent.glob("*.part-*"):

@@ -53,22 +53,28 @@ def complete_lines(folder):
     return n
 
 
+def kill_a_rank(cmd, folder, tool) -> int:
+    """Run `cmd` (a 2-rank deepspeed launch of `tool`), SIGKILL one rank once its shard files in
+    `folder` hold 2 finished rows; -> the launcher's exit status."""
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while complete_lines(folder) < 2:
+        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
+             if tool in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    ranks[0].send_signal(signal.SIGKILL)
+    first.communicate(timeout=120)
+    return first.returncode
+
+
 def test_killed_rank_restart_loses_and_repeats_nothing(tiny_model, tmp_path):
     data, rows = data_file(tmp_path, 48)
     out = tmp_path / "out"
     cmd = [DEEPSPEED, "--num_gpus", "2", TOOL, "--model", str(tiny_model), "--data", str(data), "--out-dir", str(out),
            "--max-new-tokens", "64", "--batch-size", "1", "--temperature", "0.3"]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while complete_lines(out / "shards") < 2:
-        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
-        time.sleep(0.02)
-    ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
-             if TOOL in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
-    assert len(ranks) == 2, [p.cmdline() for p in ranks]
-    ranks[0].send_signal(signal.SIGKILL)
-    first.communicate(timeout=120)
-    assert first.returncode != 0
+    assert kill_a_rank(cmd, out / "shards", TOOL) != 0
     assert not (out / "realigned.jsonl").exists()
     done_before = complete_lines(out / "shards")
     assert 2 <= done_before < len(rows)
