@@ -17,6 +17,7 @@ import json
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -122,7 +123,11 @@ def _reshard_optimizer(engine, folder, tag) -> None:
 
     # DeepSpeed's own list of the old DP ranks' files of this model-parallel rank (a private helper)
     names = engine._get_all_zero_checkpoint_names(str(folder), tag, engine.bfloat16_enabled())
-    parts = [torch.load(n, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT] for n in names]
+    # Memory-mapped: only the fragments this rank copies are read, not every old rank's whole
+    # partition into each of a node's 8 processes (mmap needs torch.save's zip format, DeepSpeed's
+    # default "checkpoint_serialization").
+    parts = [torch.load(n, map_location="cpu", mmap=zipfile.is_zipfile(n), weights_only=False)[OPTIMIZER_STATE_DICT]
+             for n in names]
     params = dict(engine.module.named_parameters())  # the names DeepSpeed's mappings use
     optimizer = engine.optimizer.optimizer  # torch's AdamW over this rank's flat fp32 partitions
     for g, group in enumerate(optimizer.param_groups):
