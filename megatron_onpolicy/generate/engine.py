@@ -2,11 +2,13 @@
 
 Prompts of different lengths share one batch, left-padded: each row keeps its own position ids
 (0 at its first real token) and pad keys are masked out, so a row generates exactly what it would
-alone. One prefill forward over the prompts, then one forward per new token."""
+alone. One prefill forward over the prompts (each prompt one causal span, no [B, 1, L, L] mask),
+then one forward per new token (a [B, 1, 1, Lk] mask of the valid keys)."""
 from dataclasses import dataclass
 
 import torch
 
+from ..model.attention import left_padded_spans
 from ..model.llama import attention_mask
 from ..parallel.mappings import gather_from_tp
 from .cache import make_caches
@@ -67,9 +69,10 @@ class DecodeState:
             ids[i, pad:] = torch.tensor(p, device=self.device)
             pos[i, pad:] = torch.arange(len(p), device=self.device)
             self.key_valid[i, pad:width] = True
-        # A pad query sits at position 0 and so sees its row's first real key: no query row is
-        # fully masked, which would give NaN that later leaks through pad values (0 * NaN).
-        return self._forward(ids, pos)
+        # Pad queries output zeros (not attention over nothing, which would be NaN and leak
+        # through pad values as 0 * NaN); the cached pad keys are masked out in every step.
+        spans = left_padded_spans([width - len(p) for p in self.prompts], width)
+        return self._forward(ids, pos, [spans.with_window(w) for w in self.model.cfg.windows])
 
     def step(self, tokens):
         """Feed one token per row ([B]); rows that already stopped may be fed anything."""
@@ -79,14 +82,16 @@ class DecodeState:
         self.next_pos = self.next_pos + 1
         return self._forward(tokens[:, None], pos)
 
-    def _forward(self, ids, pos):
+    def _forward(self, ids, pos, masks=None):
         start = self.caches[0].length
         end = start + ids.shape[1]
         self.key_pos[:, start:end] = pos
-        k_pos, k_valid = self.key_pos[:, :end], self.key_valid[:, :end]
-        windows = self.model.cfg.windows
-        by_window = {w: attention_mask(pos, k_pos, w, k_valid=k_valid) for w in set(windows)}
-        return last_position_logits(self.model, ids, pos, [by_window[w] for w in windows], self.caches)
+        if masks is None:
+            k_pos, k_valid = self.key_pos[:, :end], self.key_valid[:, :end]
+            windows = self.model.cfg.windows
+            by_window = {w: attention_mask(pos, k_pos, w, k_valid=k_valid) for w in set(windows)}
+            masks = [by_window[w] for w in windows]
+        return last_position_logits(self.model, ids, pos, masks, self.caches)
 
 
 def last_position_logits(model, ids, pos, masks, caches):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                padded_vocab_size, tp_size_rank)
 from ..parallel.mappings import copy_to_tp
+from .attention import Spans, attend, packed_spans
 from .config import ArchConfig
 
 
@@ -103,8 +104,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         if cache is not None:
             k, v = cache.update(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.heads != self.kv_heads)
+        out = attend(q, k, v, mask, gqa=self.heads != self.kv_heads)
         return self.o(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
 
 
@@ -169,8 +169,8 @@ class TransformerLM(nn.Module):
 
     def forward(self, input_ids, position_ids=None, segment_ids=None, masks=None, caches=None,
                 last_only=False, hidden_only=False):
-        """masks: per-layer attention masks (e.g. from generation); otherwise built here from
-        position ids (sliding windows) and segment ids (packed samples), or plain causal.
+        """masks: per-layer attention (None, a mask or Spans, see model/attention.py), e.g. from
+        generation; otherwise built here from the windows and segment ids (packed samples).
         last_only: logits of the last position only (generation: no [B, L, V] logits at prefill).
         hidden_only: the final (normed) hidden states instead, for a fused head + loss."""
         B, L = input_ids.shape
@@ -189,16 +189,13 @@ class TransformerLM(nn.Module):
 
 
 def layer_masks(cfg: ArchConfig, position_ids, segment_ids=None):
-    """Per-layer masks for a training / scoring forward; None (plain causal, the fast SDPA path)
-    where nothing but causality applies. Packed samples restart their positions, so causality is
-    taken over the index in the row, not over position ids."""
+    """Per-layer attention for a training / scoring forward (see model/attention.py): None (plain
+    causal, the fast SDPA path) where nothing but causality applies, otherwise Spans: the packed
+    samples (runs of one segment id) or whole rows, each with its layer's window. Packed samples
+    restart their positions, so causality is taken over the index in the row, not over position ids."""
     B, L = position_ids.shape
-    needs_window = any(w is not None and w < L for w in cfg.windows)
-    if segment_ids is None and not needs_window:
+    windows = [w if (w is not None and w < L) else None for w in cfg.windows]
+    if segment_ids is None and not any(windows):
         return [None] * cfg.num_layers
-    idx = torch.arange(L, device=position_ids.device).expand(B, L)
-    built = {}
-    for w in set(cfg.windows):
-        w = w if (w is not None and w < L) else None
-        built[w] = attention_mask(idx, idx, w, segment_ids, segment_ids)
-    return [built[w if (w is not None and w < L) else None] for w in cfg.windows]
+    spans = packed_spans(segment_ids) if segment_ids is not None else Spans(((0, B, ((0, L, True),)),))
+    return [spans.with_window(w) for w in windows]

@@ -1,0 +1,94 @@
+"""Attention without L x L masks: packed samples, left padding and sliding windows as spans.
+
+A layer's attention is one of
+  None      plain causal over the whole row: SDPA `is_causal`, the fused (flash) kernel on CPU and CUDA;
+  a Tensor  an explicit boolean [B, 1, Lq, Lk] mask (decode steps, where Lq is 1);
+  Spans     each row cut into contiguous spans (packed samples, the padding of a left-padded prompt);
+            a span attends causally within itself, in a sliding window if one is set.
+A span is one `is_causal` SDPA call on slices of q, k, v: exact (nothing outside the span enters
+the softmax), the fast kernel, no mask at all. A window longer than its span is plain causality;
+a shorter one runs query blocks of b rows against their b + window - 1 keys, with one shared
+[b, b + window - 1] band mask. K/V are never expanded for GQA (`enable_gqa`). Rows with the same
+cut are one batched call. flex_attention would do the same with block masks, but on CPU it has no
+backward in torch 2.13 and needs torch.compile, so this path is the one that trains everywhere."""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+# Query block of a sliding window shorter than its span: the band mask is at most
+# WINDOW_BLOCK x (WINDOW_BLOCK + window - 1), and each query computes at most WINDOW_BLOCK - 1 wasted keys.
+WINDOW_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class Spans:
+    """groups: ((row_start, row_end, ((start, end, live), ...)), ...): consecutive rows with one
+    cut share a group; a span that is not live (a prompt's left padding) outputs zeros."""
+    groups: tuple
+    window: int | None = None
+
+    def with_window(self, window):
+        return replace(self, window=window)
+
+
+def _grouped(rows):
+    """rows: one tuple of (start, end, live) spans per row -> Spans, equal neighbours merged."""
+    groups = []
+    for r, spans in enumerate(rows):
+        if groups and groups[-1][2] == spans:
+            groups[-1][1] = r + 1
+        else:
+            groups.append([r, r + 1, spans])
+    return Spans(tuple((a, b, spans) for a, b, spans in groups))
+
+
+def packed_spans(segment_ids) -> Spans:
+    """Spans of a packed batch: every maximal run of one segment id (the padding run included, so
+    no query row is empty). One host sync for the whole batch."""
+    B, L = segment_ids.shape
+    cuts = [[] for _ in range(B)]
+    for r, t in (segment_ids[:, 1:] != segment_ids[:, :-1]).nonzero().tolist():
+        cuts[r].append(t + 1)
+    return _grouped([tuple((s, e, True) for s, e in zip([0] + c, c + [L])) for c in cuts])
+
+
+def left_padded_spans(pads, width) -> Spans:
+    """Spans of left-padded prompts: row r's pads[r] pad positions output zeros (finite values for
+    the cache, never attended by a real query), its prompt attends causally."""
+    return _grouped([((0, p, False), (p, width, True)) if p else ((0, width, True),) for p in pads])
+
+
+def attend(q, k, v, how, gqa: bool):
+    """q [B, H, Lq, D], k / v [B, H_kv, Lk, D] -> [B, H, Lq, D]; `how` as in the module docstring."""
+    if how is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(how, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=how, enable_gqa=gqa)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
+    rows = []
+    for r0, r1, spans in how.groups:
+        parts = [_causal(q[r0:r1, :, s:e], k[r0:r1, :, s:e], v[r0:r1, :, s:e], how.window, gqa) if live
+                 else q.new_zeros(r1 - r0, q.shape[1], e - s, q.shape[3]) for s, e, live in spans]
+        rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+
+
+def _causal(q, k, v, window, gqa):
+    """Causal attention within one span, within `window` positions back if that is shorter."""
+    n = q.shape[2]
+    if window is None or window >= n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    b = min(window, WINDOW_BLOCK)
+    # Column j of a block starting at s is key s - window + 1 + j: query i sees keys j in [i, i + window - 1].
+    i = torch.arange(b, device=q.device)[:, None]
+    j = torch.arange(b + window - 1, device=q.device)
+    band = (j >= i) & (j <= i + window - 1)
+    out = []
+    for s in range(0, n, b):
+        e, ks = min(s + b, n), max(0, s - window + 1)
+        off = ks - (s - window + 1)  # the first blocks have no keys before the span's start
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e],
+                                                  attn_mask=band[:e - s, off:off + e - ks], enable_gqa=gqa))
+    return torch.cat(out, 2)

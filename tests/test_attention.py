@@ -1,0 +1,199 @@
+"""Attention without L x L masks (model/attention.py): packed samples, sliding windows and left
+padding against a dense reference written here (softmax over a masked score matrix) and against
+the boolean-mask SDPA path, outputs and gradients; the packed model against transformers run on
+each document alone; that no tensor with two L-sized dimensions is ever built; and a `--pack`
+training run of a sliding-window model whose first loss is the token mean transformers gives."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_onpolicy.data import collate, pack, read_rows, tokenize_row
+from megatron_onpolicy.generate import SamplingParams, generate
+from megatron_onpolicy.model import attention
+from megatron_onpolicy.model.attention import attend, left_padded_spans, packed_spans
+from megatron_onpolicy.model.hub import resolve_model_path
+from megatron_onpolicy.model.llama import attention_mask, layer_masks
+from megatron_onpolicy.model.loader import load_model, load_tokenizer
+from tests.test_model import VOCAB, make_hf_model
+from tests.train_utils import ROOT, launch, read_metrics
+
+
+# Documents of length 1 included; row 1 one document; rows 2 and 3 share a cut; rows end in padding (0).
+SEG = torch.tensor([[1] * 1 + [2] * 12 + [3] * 1 + [4] * 20 + [0] * 6,
+                    [1] * 40,
+                    [1] * 7 + [2] * 7 + [3] * 7 + [4] + [5] * 7 + [0] * 11,
+                    [1] * 7 + [2] * 7 + [3] * 7 + [4] + [5] * 7 + [0] * 11])
+CUTS = [[0] + torch.unique_consecutive(row, return_counts=True)[1].cumsum(0).tolist() for row in SEG]
+
+
+def allowed(seg, window):
+    """[B, L, L]: query i may see key j (same document, j <= i, within the window), by plain loops."""
+    return torch.tensor([[[j <= i and row[i] == row[j] and (window is None or i - j < window) for j in range(len(row))]
+                          for i in range(len(row))] for row in seg.tolist()])
+
+
+def dense(q, k, v, ok):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1) @ v
+
+
+def out_and_grads(fn, q, k, v, weight):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    (out * weight).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("window,block", [(None, 512), (1, 512), (3, 512), (8, 512), (8, 3), (13, 4), (64, 512)])
+def test_packed_and_windowed_spans_equal_dense_and_mask_paths(monkeypatch, heads, window, block):
+    """Windows shorter and longer than documents; block < window runs the first blocks' clipped keys."""
+    monkeypatch.setattr(attention, "WINDOW_BLOCK", block)
+    H, Hk = heads
+    torch.manual_seed(0)
+    B, L, D = *SEG.shape, 16
+    q, k, v, weight = torch.randn(B, H, L, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D), torch.randn(B, H, L, D)
+    spans = packed_spans(SEG).with_window(window)
+    assert len(spans.groups) == 3, "rows 2 and 3 have one cut: one batched group"
+    idx = torch.arange(L).expand(B, L)
+    mask = attention_mask(idx, idx, window, SEG, SEG)
+    new = out_and_grads(lambda *t: attend(*t, spans, gqa=H != Hk), q, k, v, weight)
+    ref = out_and_grads(lambda *t: dense(*t, allowed(SEG, window)), q, k, v, weight)
+    old = out_and_grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask, enable_gqa=H != Hk),
+                        q, k, v, weight)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), new, ref, old):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_left_padded_prompts_attend_within_themselves(window):
+    torch.manual_seed(1)
+    pads, W = [0, 3, 9], 12
+    q, k, v = torch.randn(3, 4, W, 8), torch.randn(3, 2, W, 8), torch.randn(3, 2, W, 8)
+    seg = torch.tensor([[0] * p + [1] * (W - p) for p in pads])
+    out = attend(q, k, v, left_padded_spans(pads, W).with_window(window), gqa=True)
+    ref = dense(q, k, v, allowed(seg, window))
+    for r, p in enumerate(pads):
+        torch.testing.assert_close(out[r, :, p:], ref[r, :, p:], rtol=0, atol=1e-5)
+        assert not out[r, :, :p].any(), "pad queries output zeros"
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attn")
+    return {kind: (root / kind, make_hf_model(kind, root / kind)) for kind in ("llama-tied", "mistral-window")}
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
+def test_packed_model_equals_transformers_per_document_and_mask_path_gradients(hf_models, kind):
+    """Logits of each packed document equal transformers on that document alone; all parameter
+    gradients equal those of the same forward through boolean [B, 1, L, L] masks."""
+    folder, hf = hf_models[kind]
+    model, _ = load_model(str(folder))
+    torch.manual_seed(2)
+    B, L = SEG.shape
+    ids = torch.randint(0, VOCAB, (B, L))
+    pos = torch.tensor([[i - s for s, e in zip(c, c[1:]) for i in range(s, e)] for c in CUTS])
+    logits = model(ids, pos, segment_ids=SEG)
+    for b, cuts in enumerate(CUTS):
+        for s, e in zip(cuts, cuts[1:]):  # the padding run too: it is one more causal span
+            with torch.no_grad():
+                theirs = hf(ids[b:b + 1, s:e]).logits[0]
+            torch.testing.assert_close(logits[b, s:e, :VOCAB], theirs, rtol=0, atol=2e-5)
+
+    weight = torch.randn_like(logits)
+    grads = []
+    idx = torch.arange(L).expand(B, L)
+    for masks in (None, [attention_mask(idx, idx, w if w is not None and w < L else None, SEG, SEG)
+                         for w in model.cfg.windows]):
+        model.zero_grad()
+        (model(ids, pos, segment_ids=SEG, masks=masks) * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+class TwoLongDims(TorchDispatchMode):
+    """Records every aten op's output with two dimensions of at least `size`, forward and backward."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.hits, self.ops = size, [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and sum(d >= self.size for d in t.shape) >= 2:
+                self.hits.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
+def test_no_l_by_l_tensor_in_packed_training_or_prefill(hf_models, kind):
+    """L = 1024 of documents <= 300 tokens: no op, forward or backward, outputs a tensor with two
+    dimensions >= 512. The same check catches today's mask path, so it can fail."""
+    model, _ = load_model(str(hf_models[kind][0]))
+    L, lengths = 1024, [300, 1, 200, 123, 300, 100]
+    seg = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(0, VOCAB, (1, L))
+    idx = torch.arange(L)[None]
+    old = [attention_mask(idx, idx, w, seg, seg) for w in model.cfg.windows]
+    for masks in (None, old):
+        with TwoLongDims(L // 2) as seen:
+            model(ids, pos, segment_ids=seg, masks=masks).sum().backward()
+        assert any("backward" in op for op in seen.ops), "the check must see the backward pass"
+        assert bool(seen.hits) == (masks is not None), seen.hits[:5]
+    with TwoLongDims(L // 2) as seen:  # left-padded prefill; decode steps use [B, 1, 1, Lk] masks
+        generate(model, [[5] * 5, [7] * 900], SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert not seen.hits, seen.hits[:5]
+
+
+def test_layer_masks_keep_plain_causal_on_the_fast_path(hf_models):
+    model, _ = load_model(str(hf_models["llama-tied"][0]))
+    pos = torch.arange(16).expand(2, 16)
+    assert layer_masks(model.cfg, pos) == [None] * model.cfg.num_layers
+    window = load_model(str(hf_models["mistral-window"][0]))[0].cfg  # window 5
+    assert [s.window for s in layer_masks(window, pos)] == [5] * window.num_layers
+    assert layer_masks(window, torch.arange(4).expand(2, 4)) == [None] * window.num_layers
+
+
+def test_pack_training_loss_equals_transformers_per_sample(tmp_path):
+    """One `--pack` iteration at --lr 0 whose global batch holds every pack of the data, on a
+    sliding-window model (window 24, shorter than the samples): its CE loss is the token mean of
+    transformers' per-sample CE, so the packed attention trains what transformers computes."""
+    config = transformers.MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=24,
+                                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "tiny")
+    tok = load_tokenizer(resolve_model_path("smollm2-135m"))
+    tok.save_pretrained(tmp_path / "tiny")
+    rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)[:16]
+    (tmp_path / "train.jsonl").write_text("".join(rows))
+    samples = [tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(tmp_path / "train.jsonl"))]
+    n_packs = len(pack(samples, 512))
+    result = launch(0, "--model", tmp_path / "tiny", "--train-data", tmp_path / "train.jsonl", "--pack",
+                    "--seq-length", 512, "--micro-batch-size", 1, "--global-batch-size", n_packs, "--loss", "ce",
+                    "--lr", 0, "--train-iters", 1, "--save", tmp_path / "run",
+                    "--deepspeed_config", ROOT / "ds_configs" / "zero1_fp32.json")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    first = read_metrics(tmp_path / "run")[0]
+
+    b = collate(samples, 0)
+    with torch.no_grad():
+        logp = hf(b["input_ids"]).logits.double().log_softmax(-1)
+    keep = b["loss_mask"] > 0
+    ce = -logp.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
+    assert max(len(s.input_ids) for s in samples) > 24 and n_packs < len(samples), "windows and packs both bite"
+    assert first["loss_tokens"] == keep.sum()
+    assert first["loss"] == pytest.approx(ce.mean().item(), rel=1e-5)
