@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-# Query block of a sliding window shorter than its span: the band mask is at most
-# WINDOW_BLOCK x (WINDOW_BLOCK + window - 1), and each query computes at most WINDOW_BLOCK - 1 wasted keys.
+# Query block of a sliding window shorter than its span: the band mask is at most about
+# WINDOW_BLOCK x (2 WINDOW_BLOCK + window), and each query scores fewer than 2 WINDOW_BLOCK keys it cannot see.
 WINDOW_BLOCK = 512
 
 
@@ -67,10 +67,14 @@ def attend(q, k, v, how, gqa: bool):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=how, enable_gqa=gqa)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
+    # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled
+    # tensor of the whole input (per span, which made the backward O(spans x L)).
     rows = []
-    for r0, r1, spans in how.groups:
-        parts = [_causal(q[r0:r1, :, s:e], k[r0:r1, :, s:e], v[r0:r1, :, s:e], how.window, gqa) if live
-                 else q.new_zeros(r1 - r0, q.shape[1], e - s, q.shape[3]) for s, e, live in spans]
+    groups = zip(*(t.split([r1 - r0 for r0, r1, _ in how.groups]) for t in (q, k, v)), how.groups)
+    for qg, kg, vg, (_, _, spans) in groups:
+        sizes = [e - s for s, e, _ in spans]
+        parts = [_causal(qs, ks, vs, how.window, gqa) if live else qs.new_zeros(qs.shape)
+                 for qs, ks, vs, (_, _, live) in zip(qg.split(sizes, 2), kg.split(sizes, 2), vg.split(sizes, 2), spans)]
         rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
 
@@ -81,14 +85,18 @@ def _causal(q, k, v, window, gqa):
     if window is None or window >= n:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     b = min(window, WINDOW_BLOCK)
-    # Column j of a block starting at s is key s - window + 1 + j: query i sees keys j in [i, i + window - 1].
+    back = -(-(window - 1) // b) * b  # keys before a block: whole blocks, at least window - 1
+    # Column j of a block starting at s is key s - back + j: query i sees keys j in (i + back - window, i + back].
     i = torch.arange(b, device=q.device)[:, None]
-    j = torch.arange(b + window - 1, device=q.device)
-    band = (j >= i) & (j <= i + window - 1)
+    j = torch.arange(b + back, device=q.device)
+    band = (j <= i + back) & (j > i + back - window)
+    # Query and key blocks are splits and cats (whose backwards are cats and splits), not slices.
+    kb, vb = k.split(b, 2), v.split(b, 2)
     out = []
-    for s in range(0, n, b):
-        e, ks = min(s + b, n), max(0, s - window + 1)
-        off = ks - (s - window + 1)  # the first blocks have no keys before the span's start
-        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e],
-                                                  attn_mask=band[:e - s, off:off + e - ks], enable_gqa=gqa))
+    for blk, qs in enumerate(q.split(b, 2)):
+        first = max(0, blk - back // b)  # the first blocks have no keys before the span's start
+        ks, vs = torch.cat(kb[first:blk + 1], 2), torch.cat(vb[first:blk + 1], 2)
+        off = back - (blk - first) * b
+        mask = band[:qs.shape[2], off:off + ks.shape[2]]
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa))
     return torch.cat(out, 2)
