@@ -40,7 +40,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_onpolicy.model.attention import attend, packed_spans  # noqa: E402
-from megatron_onpolicy.model.llama import attention_mask  # noqa: E402
 
 CASES = ("causal", "mask", "spans", "mask-window", "spans-window")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -51,6 +50,13 @@ def sample_lengths(length, samples, seed=0):
     g = torch.Generator().manual_seed(seed)
     cuts = sorted(torch.randperm(length // 16 - 1, generator=g)[:samples - 1].add(1).mul(16).tolist())
     return [e - s for s, e in zip([0] + cuts, cuts + [length])]
+
+
+def mask_path(seg, window):
+    """The boolean [B, 1, L, L] mask the model built for packed rows before model/attention.py."""
+    idx = torch.arange(seg.shape[1], device=seg.device)
+    mask = (idx[None, :] <= idx[:, None]) & (seg[:, :, None] == seg[:, None, :])
+    return (mask & (idx[None, :] > idx[:, None] - window) if window is not None else mask).unsqueeze(1)
 
 
 def run_case(case, length, samples, window, repeat, threads):
@@ -70,9 +76,7 @@ def run_case(case, length, samples, window, repeat, threads):
         if case == "causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif case.startswith("mask"):
-            idx = torch.arange(length)[None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(idx, idx, w, seg, seg),
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_path(seg, w), enable_gqa=True)
         else:
             out = attend(q, k, v, packed_spans(seg).with_window(w), gqa=True)
         out.sum().backward()
@@ -139,12 +143,16 @@ def run_phases(seq, tree, threads):
 
     def sample():
         while not done.is_set():
-            phase, callee, f = "start-up", "train", sys._current_frames().get(main)
+            stack, f = [], sys._current_frames().get(main)
             while f is not None:
+                stack.append(f.f_code.co_name if f.f_code.co_name != "_wrapped_call_impl" else "forward")
                 if f.f_code.co_name == "train" and f.f_code.co_filename.endswith(os.path.join("train", "loop.py")):
-                    phase = callee
                     break
-                callee, f = f.f_code.co_name, f.f_back
+                f = f.f_back
+            # the call of train() running now, and within train_step its forward / backward / step
+            phase = "start-up" if f is None else stack[-2] if len(stack) > 1 else "train"
+            if phase == "train_step" and len(stack) > 2:
+                phase += ":" + stack[-3]
             peaks[phase] = max(peaks.get(phase, 0), _status_kb("VmRSS") * 1024 / 1e9)
             time.sleep(0.02)
 
@@ -191,8 +199,7 @@ def saved_table(args):
         seg = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])[None]
         pos = torch.cat([torch.arange(n) for n in lengths])[None]
         ids = torch.randint(0, model.cfg.vocab_size, (1, seq))
-        idx = torch.arange(seq)[None]
-        for path, masks in (("mask", [attention_mask(idx, idx, None, seg, seg)] * 2),
+        for path, masks in (("mask", [mask_path(seg, None)] * 2),
                             ("spans", layer_masks(model.cfg, pos, seg))):
 
             per_layer = []

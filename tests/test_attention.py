@@ -16,7 +16,7 @@ from megatron_onpolicy.generate import SamplingParams, generate
 from megatron_onpolicy.model import attention
 from megatron_onpolicy.model.attention import attend, left_padded_spans, packed_spans
 from megatron_onpolicy.model.hub import resolve_model_path
-from megatron_onpolicy.model.llama import attention_mask, layer_masks
+from megatron_onpolicy.model.llama import layer_masks
 from megatron_onpolicy.model.loader import load_model, load_tokenizer
 from tests.test_model import VOCAB, make_hf_model
 from tests.train_utils import ROOT, launch, read_metrics
@@ -34,6 +34,13 @@ def allowed(seg, window):
     """[B, L, L]: query i may see key j (same document, j <= i, within the window), by plain loops."""
     return torch.tensor([[[j <= i and row[i] == row[j] and (window is None or i - j < window) for j in range(len(row))]
                           for i in range(len(row))] for row in seg.tolist()])
+
+
+def mask_path(seg, window):
+    """The boolean [B, 1, L, L] mask the model built for packed rows before model/attention.py."""
+    idx = torch.arange(seg.shape[1])
+    mask = (idx[None, :] <= idx[:, None]) & (seg[:, :, None] == seg[:, None, :])
+    return (mask & (idx[None, :] > idx[:, None] - window) if window is not None else mask).unsqueeze(1)
 
 
 def dense(q, k, v, ok):
@@ -61,8 +68,7 @@ def test_packed_and_windowed_spans_equal_dense_and_mask_paths(monkeypatch, heads
     q, k, v, weight = torch.randn(B, H, L, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D), torch.randn(B, H, L, D)
     spans = packed_spans(SEG).with_window(window)
     assert len(spans.groups) == 3, "rows 2 and 3 have one cut: one batched group"
-    idx = torch.arange(L).expand(B, L)
-    mask = attention_mask(idx, idx, window, SEG, SEG)
+    mask = mask_path(SEG, window)
     new = out_and_grads(lambda *t: attend(*t, spans, gqa=H != Hk), q, k, v, weight)
     ref = out_and_grads(lambda *t: dense(*t, allowed(SEG, window)), q, k, v, weight)
     old = out_and_grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask, enable_gqa=H != Hk),
@@ -110,9 +116,7 @@ def test_packed_model_equals_transformers_per_document_and_mask_path_gradients(h
 
     weight = torch.randn_like(logits)
     grads = []
-    idx = torch.arange(L).expand(B, L)
-    for masks in (None, [attention_mask(idx, idx, w if w is not None and w < L else None, SEG, SEG)
-                         for w in model.cfg.windows]):
+    for masks in (None, [mask_path(SEG, w) for w in model.cfg.windows]):
         model.zero_grad()
         (model(ids, pos, segment_ids=SEG, masks=masks) * weight).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -145,8 +149,7 @@ def test_no_l_by_l_tensor_in_packed_training_or_prefill(hf_models, kind):
     seg = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])[None]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     ids = torch.randint(0, VOCAB, (1, L))
-    idx = torch.arange(L)[None]
-    old = [attention_mask(idx, idx, w, seg, seg) for w in model.cfg.windows]
+    old = [mask_path(seg, w) for w in model.cfg.windows]
     for masks in (None, old):
         with TwoLongDims(L // 2) as seen:
             model(ids, pos, segment_ids=seg, masks=masks).sum().backward()

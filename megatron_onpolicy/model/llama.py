@@ -61,16 +61,12 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def attention_mask(q_pos, k_pos, window=None, q_seg=None, k_seg=None, k_valid=None):
-    """Boolean [B, 1, Lq, Lk] mask (True = may attend) from absolute positions.
-
-    q_pos/k_pos: [B, Lq] / [B, Lk] positions in the *sequence* (packed samples share one
-    sequence, so segment ids keep them apart); k_valid marks real (non-pad) keys."""
+def attention_mask(q_pos, k_pos, window=None, k_valid=None):
+    """Boolean [B, 1, Lq, Lk] mask (True = may attend) from absolute positions, for decode steps
+    (Lq = 1; longer queries take Spans, model/attention.py). k_valid marks real (non-pad) keys."""
     mask = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask.unsqueeze(1)
