@@ -145,7 +145,8 @@ def run_phases(seq, tree, threads):
         while not done.is_set():
             stack, f = [], sys._current_frames().get(main)
             while f is not None:
-                stack.append(f.f_code.co_name if f.f_code.co_name != "_wrapped_call_impl" else "forward")
+                if f.f_code.co_name not in ("wrapped_fn", "_wrapped_call_impl", "_call_impl"):  # wrappers
+                    stack.append(f.f_code.co_name)
                 if f.f_code.co_name == "train" and f.f_code.co_filename.endswith(os.path.join("train", "loop.py")):
                     break
                 f = f.f_back

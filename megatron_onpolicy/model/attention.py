@@ -5,11 +5,11 @@ A layer's attention is one of
   a Tensor  an explicit boolean [B, 1, Lq, Lk] mask (decode steps, where Lq is 1);
   Spans     each row cut into contiguous spans (packed samples, the padding of a left-padded prompt);
             a span attends causally within itself, in a sliding window if one is set.
-A span is one `is_causal` SDPA call on slices of q, k, v: exact (nothing outside the span enters
+A span is one `is_causal` SDPA call on its part of q, k, v: exact (nothing outside the span enters
 the softmax), the fast kernel, no mask at all. A window longer than its span is plain causality;
-a shorter one runs query blocks of b rows against their b + window - 1 keys, with one shared
-[b, b + window - 1] band mask. K/V are never expanded for GQA (`enable_gqa`). Rows with the same
-cut are one batched call. flex_attention would do the same with block masks, but on CPU it has no
+a shorter one runs query blocks of b rows against the keys of the blocks the window reaches
+(b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
+are never expanded for GQA (`enable_gqa`). Rows with the same cut are one batched call. flex_attention would do the same with block masks, but on CPU it has no
 backward in torch 2.13 and needs torch.compile, so this path is the one that trains everywhere."""
 from dataclasses import dataclass, replace
 
