@@ -65,7 +65,7 @@ def test_packed_and_windowed_spans_equal_dense_and_mask_paths(monkeypatch, heads
     H, Hk = heads
     torch.manual_seed(0)
     B, L, D = *SEG.shape, 16
-    q, k, v, weight = torch.randn(B, H, L, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D), torch.randn(B, H, L, D)
+    q, k, v, weight = (torch.randn(B, h, L, D) for h in (H, Hk, Hk, H))
     spans = packed_spans(SEG).with_window(window)
     assert len(spans.groups) == 3, "rows 2 and 3 have one cut: one batched group"
     mask = mask_path(SEG, window)

@@ -9,8 +9,9 @@ A span is one `is_causal` SDPA call on its part of q, k, v: exact (nothing outsi
 the softmax), the fast kernel, no mask at all. A window longer than its span is plain causality;
 a shorter one runs query blocks of b rows against the keys of the blocks the window reaches
 (b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
-are never expanded for GQA (`enable_gqa`). Rows with the same cut are one batched call. flex_attention would do the same with block masks, but on CPU it has no
-backward in torch 2.13 and needs torch.compile, so this path is the one that trains everywhere."""
+are never expanded for GQA (`enable_gqa`). Rows with the same cut are one batched call.
+flex_attention would do the same with block masks, but on CPU it has no backward in torch 2.13
+and needs torch.compile, so this path is the one that trains everywhere (docs/performance.md)."""
 from dataclasses import dataclass, replace
 
 import torch
