@@ -65,7 +65,7 @@ def main():
     model, folder = load_model("smollm2-135m")
     model.eval()
     tokenizer = load_tokenizer(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "math_sft.jsonl"))]
     template = load_template(None, "hint")
     hinted = [hinted_prompt_ids(tokenizer, template, r["prompt"], r["response"]) for r in rows]

@@ -127,7 +127,7 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> 
             cut_torn_line(part)
     dist.barrier()
     done = {i for i in written_indices(shard_files(out)) if i % dp_size == dp_rank}
-    total = torch.tensor([len(done) if writes else 0], dtype=torch.float64, device=device)
+    total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
     return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())
 

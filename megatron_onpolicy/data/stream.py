@@ -16,8 +16,14 @@ from .rows import DataError, RowStream
 
 
 def add_stream_args(p: argparse.ArgumentParser, default: int = 4096) -> None:
-    p.add_argument("--window", type=int, default=default,
+    p.add_argument("--window", type=_window, default=default,
                    help="rows of this group's share read and prepared at a time (0: the whole share)")
+
+
+def _window(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def share_windows(stream: RowStream, dp_rank: int, dp_size: int, window: int, done, prepare, device):
