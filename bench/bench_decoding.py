@@ -13,7 +13,8 @@ tokens kept per example (one per step for hinted: its two streams make one answe
 loop runs --naive-tokens tokens only: without a cache each step costs a forward over the whole
 sequence, so its tokens/s at 256 tokens would be lower still than the one measured.
 
-    .venv/bin/python bench/bench_decoding.py [--new-tokens 256] [--naive-tokens 16] [--batches 1 8 32]"""
+    .venv/bin/python bench/bench_decoding.py [--new-tokens 256] [--naive-tokens 16] [--batches 1 8 32] \
+        [--naive-examples 2] [--threads T]"""
 import argparse
 import json
 import math
@@ -59,7 +60,10 @@ def main():
     p.add_argument("--naive-tokens", type=int, default=16)
     p.add_argument("--naive-examples", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     model, folder = load_model("smollm2-135m")
