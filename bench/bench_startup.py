@@ -13,6 +13,7 @@ The phases are the trainer's own functions, timed by wrapping them in the child 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,10 +104,11 @@ def main():
     runs = {"before": [], "after": []}
     for rep in range(args.reps + 1):  # the first pair warms the page cache and is not counted
         for variant in runs:  # interleaved, so both see the same load
-            out = w / "phases.json"
+            out, save = w / "phases.json", w / f"run-{variant}"
             out.unlink(missing_ok=True)
+            shutil.rmtree(save, ignore_errors=True)  # a complete checkpoint there would be resumed, not trained
             result = subprocess.run([sys.executable, __file__, "--child", str(out), *(["--before"] if variant == "before" else []),
-                            *train, "--save", str(w / f"run-{variant}{rep}")], cwd=ROOT, capture_output=True, text=True)
+                            *train, "--save", str(save)], cwd=ROOT, capture_output=True, text=True)
             if not out.is_file():
                 raise RuntimeError(f"the {variant} run failed:\n{result.stderr[-3000:]}")
             if rep:
