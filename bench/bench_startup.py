@@ -12,7 +12,6 @@ The phases are the trainer's own functions, timed by wrapping them in the child 
 (`--child`), which then runs the entry point as `python launch/pretrain_idft.py` would."""
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
