@@ -100,7 +100,7 @@ def test_a_rank_parses_only_its_share(tiny_model, tmp_path):  # noqa: F811
     errors = [line for line in result.stderr.splitlines() if line.startswith("ddt_score: error:")]
     assert result.returncode != 0
     # Rank 0, first by rank, names line 3: it never parsed line 2 (rank 1's), the first bad line of the file.
-    assert len(errors) == 1 and f"bad.jsonl:3: invalid JSON" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and "bad.jsonl:3: invalid JSON" in errors[0], result.stderr[-3000:]
     assert not list(tmp_path.glob("o.jsonl*")), "nothing written"
 
 
