@@ -2,8 +2,10 @@
 input order into the final file under a temporary name, then renamed."""
 import json
 import os
+import re
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 
@@ -20,32 +22,57 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class ShardWriter:
-    """Appends one JSON line per finished row. On open, a torn last line (a kill mid-write) is cut
-    off, and the indices already present are known, so a restarted run can skip them."""
+    """Appends one JSON line `{"index": i, ...}` per finished row, flushed, so a kill loses at most
+    the line being written (cut off on the next open, see `cut_torn_line`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done = set()
-        good = 0
-        if self.path.exists():
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        self.done.add(json.loads(line)["index"])
-                    except (ValueError, KeyError):
-                        break
-                    good += len(line)
-            os.truncate(self.path, good)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = None  # opened at the first row: a run that fails before any leaves no file
 
     def write(self, row: dict) -> None:
+        if self._f is None:
+            if self.path.exists():
+                cut_torn_line(self.path)
+            self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
-        self.done.add(row["index"])
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+
+
+def cut_torn_line(path: Path) -> None:
+    """A line is complete once its newline is written (json.dumps escapes any inside it): cut the
+    file after its last newline. Reads only the file's tail."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            tail = f.read(step)
+            nl = tail.rfind(b"\n")
+            if nl >= 0:
+                pos = pos - step + nl + 1
+                break
+            pos -= step
+        if pos != end:
+            f.truncate(pos)
+
+
+_INDEX = re.compile(rb'\{"index": (\d+)[,}]')  # how ShardWriter's json.dumps starts every line
+
+
+def written_indices(parts):
+    """The row index of every line of the shard files, read from each line's start (no parse of
+    the rest)."""
+    for part in parts:
+        with open(part, "rb") as f:
+            for line in f:
+                m = _INDEX.match(line)
+                yield int(m[1]) if m else json.loads(line)["index"]
 
 
 def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
@@ -89,19 +116,20 @@ def shard_files(out: Path) -> list:
     return sorted(out.parent.glob(f"{out.name}.part-*-of-*"))
 
 
-def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool) -> tuple:
+def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> tuple:
     """Every rank calls this, before any work: -> (this rank's ShardWriter, or None where it does
-    not write; the indices of the rows any earlier run wrote, whatever its number of ranks).
-    Rank 0 first cuts torn last lines off every shard file of `out`, so nothing reads them."""
-    done = set()
+    not write; the indices of its group's share, `shard_indices(n, dp_rank, dp_size)`, that any
+    earlier run wrote, whatever its number of ranks; how many rows all earlier runs wrote).
+    Rank 0 first cuts torn last lines off every shard file of `out`; then each rank scans the
+    files for its own share only, so no rank holds (or receives) the indices of the others."""
     if dist.get_rank() == 0:
         for part in shard_files(out):
-            writer = ShardWriter(part)
-            writer.close()
-            done |= writer.done
-    done = [done]
-    dist.broadcast_object_list(done, src=0)
-    return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done[0]
+            cut_torn_line(part)
+    dist.barrier()
+    done = {i for i in written_indices(shard_files(out)) if i % dp_size == dp_rank}
+    total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
+    dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
+    return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())
 
 
 def merge_shards(out: Path, expected: int, final: Path, field: str = None) -> list:

@@ -13,7 +13,7 @@ import transformers
 
 from megatron_onpolicy.generate.answers import answers_match, final_answer
 from megatron_onpolicy.model.hub import resolve_model_path
-from megatron_onpolicy.outputs import ShardWriter
+from megatron_onpolicy.outputs import ShardWriter, cut_torn_line, written_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "realign_distributed.py")
@@ -145,10 +145,12 @@ def test_shard_writer_cuts_a_torn_line(tmp_path):
     part = tmp_path / "x.part"
     part.write_text('{"index": 0, "row": {}}\n{"index": 1, "ro')
     writer = ShardWriter(part)
-    assert writer.done == {0}
     writer.write({"index": 1, "row": {}})
     writer.close()
     assert [json.loads(line)["index"] for line in open(part)] == [0, 1]
+    part.write_bytes(part.read_bytes() + b'{"index": 2, "row": {"a": "x' + b"y" * 70000)  # torn past 64 KiB
+    cut_torn_line(part)
+    assert list(written_indices([part])) == [0, 1]
 
 
 def test_final_answer_extraction():

@@ -2,9 +2,12 @@
 """DDT statistics of a dataset under a model, sharded over data-parallel groups.
 
     deepspeed --num_gpus N tools/ddt_score.py --model MODEL --data FILE \
-        --tensor-model-parallel-size T --out OUT.jsonl [--dump-tokens] [--micro-batch-size B] [--no-fused-loss]
+        --tensor-model-parallel-size T --out OUT.jsonl [--dump-tokens] [--micro-batch-size B] [--no-fused-loss] \
+        [--keep-keys KEY ...] [--window ROWS]
 
-Writes OUT.jsonl (one line per input row, input order) and OUT.summary.json."""
+Writes OUT.jsonl (one line per input row, input order: the row's fields, all or --keep-keys, then
+its scores) and OUT.summary.json. Each data-parallel group streams its share of the rows, --window
+at a time, sorted by length within the window (data/stream.py)."""
 import argparse
 import json
 import os
@@ -18,8 +21,9 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
-from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
+from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.ddt.score import length_sorted_batches, row_keys, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import merge_shards, open_shards, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
@@ -37,10 +41,30 @@ def parse_args(argv=None):
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="build the head's logits first (default: the head fused with the statistics, chunked)")
     p.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused statistics (default: by memory)")
+    p.add_argument("--keep-keys", nargs="*", metavar="KEY",
+                   help="input fields each output line carries (default: all; none if given no KEY)")
+    add_stream_args(p)
     args = p.parse_args(argv)
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         p.error(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size}")
     return args
+
+
+def kept_fields(row, keep_keys, scores) -> dict:
+    """The input row's fields an output line carries: all, or those named by --keep-keys. A field
+    named like a score is an error, not silently overwritten."""
+    if keep_keys is None:
+        kept = row.data
+    else:
+        missing = [k for k in keep_keys if k not in row.data]
+        if missing:
+            raise DataError(f"{row.source}: field '{missing[0]}' (--keep-keys) missing")
+        kept = {k: row.data[k] for k in keep_keys}
+    clash = sorted(scores & kept.keys())
+    if clash:
+        raise DataError(f"{row.source}: field '{clash[0]}' has the name of a score; "
+                        "name the fields to keep with --keep-keys")
+    return kept
 
 
 def main():
@@ -52,42 +76,41 @@ def main():
     writes = state.get_tensor_model_parallel_rank() == 0  # one writer per data-parallel group
 
     tokenizer = load_tokenizer(folder)
-    rows = read_rows(args.data)
-    mine, error = [], None
-    try:
-        for i in shard_indices(len(rows), dp_rank, dp):
-            mine.append(tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key,
-                                    eos=not args.no_eos))
-    except DataError as e:
-        error = str(e)
-    error = cli.first_error(error)
-    if error:
-        raise DataError(error)
-
+    stream = RowStream(args.data)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
-    writer, done = open_shards(out, dp_rank, dp, writes)
-    batches = length_sorted_batches([s for s in mine if s.index not in done], args.micro_batch_size)
-    bar = tqdm(total=len(rows), initial=len(done), desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
+    writer, done, n_done = open_shards(out, dp_rank, dp, writes, cli.device())
+
+    scores = set(row_keys(args.dump_tokens))
+
+    def prepare(i, row):
+        sample = tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key,
+                              eos=not args.no_eos)
+        return sample, kept_fields(row, args.keep_keys, scores)
+
+    bar = tqdm(total=len(stream), initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
-    for batch in preempt.in_lockstep(batches, cli.device()):
-        stop.exit_if_agreed(cli.device(), "ddt_score", f"finished rows are in {out}.part-*")
-        if not batch:
-            continue
-        for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens, args.fused_loss,
-                               args.loss_chunk_size):
-            if writer:
-                writer.write(row)
-        bar.update(len(batch) * dp)  # every group advances about alike; rank 0 sees its own
+    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        fields = {sample.index: kept for sample, kept in window}
+        batches = length_sorted_batches([sample for sample, _ in window], args.micro_batch_size)
+        for batch in preempt.in_lockstep(batches, cli.device()):
+            stop.exit_if_agreed(cli.device(), "ddt_score", f"finished rows are in {out}.part-*")
+            if not batch:
+                continue
+            for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens, args.fused_loss,
+                                   args.loss_chunk_size):
+                if writer:
+                    writer.write({"index": row["index"], "row": {**fields[row["index"]], **row}})
+            bar.update(len(batch) * dp)  # every group advances about alike; rank 0 sees its own
     bar.close()
     if writer:
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(out, len(rows), out)
+        merged = merge_shards(out, len(stream), out, "row")
         summary = summarize(merged)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)

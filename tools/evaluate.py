@@ -7,7 +7,8 @@
 
 Each row's question (plain chat prompt, as in training) gets K completions; the final answer of
 each (generate/answers.py) is compared with the row's reference answer. Rows are sharded over the
-N / T data-parallel groups and flushed per row, so a restarted run skips the rows already done.
+N / T data-parallel groups, each streaming its share --window rows at a time (data/stream.py),
+and flushed per row, so a restarted run skips the rows already done.
 OUT.jsonl: the row's fields plus `completions`, `extracted`, `correct`, `end_reasons`, `num_tokens`
 and `ddt` (the DDT statistics of each completion under the plain prompt; a completion cut by
 length or repetition is scored without EOS). OUT.summary.json: pass@1, unbiased pass@k, mean
@@ -29,7 +30,8 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli  # noqa: E402
-from megatron_onpolicy.data import DataError, Sample, read_rows, shard_indices  # noqa: E402
+from megatron_onpolicy.data import DataError, RowStream, Sample  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
 from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: E402
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (each k completions)")
     p.add_argument("--seed", type=int, default=0)
+    add_stream_args(p)
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error("--samples must be >= 1")
@@ -124,21 +127,10 @@ def main():
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
     tokenizer = load_tokenizer(folder)
-    rows = read_rows(args.data)
-    prompts, error = {}, None
-    try:  # every row of this shard is checked before any work
-        for i in shard_indices(len(rows), dp_rank, dp):
-            prompts[i] = plain_prompt_ids(tokenizer, question_and_answer(rows[i], args)[0])
-    except DataError as e:
-        error = str(e)
-    error = cli.first_error(error)
-    if error:
-        raise DataError(error)
-
-    writer, done = open_shards(out, dp_rank, dp, tp_rank == 0)
-    todo = [i for i in prompts if i not in done]
-    if dist.get_rank() == 0 and done:
-        print(f"resuming: {len(done)} rows already done", flush=True)
+    stream = RowStream(args.data)
+    writer, done, n_done = open_shards(out, dp_rank, dp, tp_rank == 0, cli.device())
+    if dist.get_rank() == 0 and n_done:
+        print(f"resuming: {n_done} rows already done", flush=True)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(name, tp_group, dtype, cli.device())
@@ -147,32 +139,38 @@ def main():
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=eos, seed=args.seed)
     pad, k = tokenizer.pad_token_id or 0, args.samples
-    bar = tqdm(total=len(rows), initial=len(done), desc="evaluate", unit="row", disable=dist.get_rank() != 0,
+
+    def prepare(i, row):  # validates the row
+        question, answer = question_and_answer(row, args)
+        return i, row, plain_prompt_ids(tokenizer, question), answer
+
+    bar = tqdm(total=len(stream), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        batch_prompts = [prompts[i] for i in batch for _ in range(k)]
-        gens = generate(model, batch_prompts, params, batch_generator(args.seed, batch, cli.device()))
-        ddt = score_completions(model, batch_prompts, gens, pad)
-        for j, i in enumerate(batch):
-            mine = gens[j * k:(j + 1) * k]
-            texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
-            row = dict(rows[i].data, completions=texts)
-            if args.answer_key:
-                reference = normalize(question_and_answer(rows[i], args)[1])
-                row["extracted"] = [final_answer(t) for t in texts]
-                row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
-            row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
-                       ddt=ddt[j * k:(j + 1) * k])
-            if writer:
-                writer.write({"index": i, "row": row})
-        bar.update(len(batch) * dp)
+    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        for start in range(0, len(window), args.batch_size):
+            batch = window[start:start + args.batch_size]
+            batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
+            gens = generate(model, batch_prompts, params, batch_generator(args.seed, [i for i, *_ in batch], cli.device()))
+            ddt = score_completions(model, batch_prompts, gens, pad)
+            for j, (i, source, _, answer) in enumerate(batch):
+                mine = gens[j * k:(j + 1) * k]
+                texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
+                row = dict(source.data, completions=texts)
+                if args.answer_key:
+                    reference = normalize(answer)
+                    row["extracted"] = [final_answer(t) for t in texts]
+                    row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
+                row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
+                           ddt=ddt[j * k:(j + 1) * k])
+                if writer:
+                    writer.write({"index": i, "row": row})
+            bar.update(len(batch) * dp)
     bar.close()
     if writer:
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(out, len(rows), out, "row")
+        merged = merge_shards(out, len(stream), out, "row")
         summary = summarize_eval(merged, k)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)

@@ -4,8 +4,9 @@
     deepspeed --num_gpus N tools/realign_distributed.py --model MODEL --data FILE --out-dir DIR \
         --tensor-model-parallel-size T [--beta 3] [--lambda-mode linear|sigmoid|piecewise] ...
 
-Rows are sharded over the N / T data-parallel groups; each group appends finished rows to its own
-shard file (flushed per row), so a restarted run skips the rows already done. At the end rank 0
+Rows are sharded over the N / T data-parallel groups, each streaming its share --window rows at a
+time (data/stream.py) and appending finished rows to its own shard file (flushed per row), so a
+restarted run, on any number of ranks, skips the rows already done. At the end rank 0
 merges DIR/realigned.jsonl in input order, DIR/realigned.filtered.jsonl (the rows to train on:
 those that ended with EOS, not by length or repetition, unless --keep-unfinished, and pass
 --min-avg-phi / --require-answer-match) and DIR/summary.json."""
@@ -22,7 +23,8 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import DataError, read_rows, shard_indices, tokenize_row  # noqa: E402
+from megatron_onpolicy.data import RowStream, tokenize_row  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
 from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
                                         stop_token_ids)
@@ -57,6 +59,7 @@ def parse_args(argv=None):
                    help="realigned.filtered.jsonl: only rows whose realigned answer matches")
     p.add_argument("--keep-unfinished", action="store_true",
                    help="realigned.filtered.jsonl: also rows that ended by length or repetition")
+    add_stream_args(p)
     args = p.parse_args(argv)
     if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         p.error("--piecewise-bounds H1 H2 needs H1 < H2")
@@ -86,6 +89,33 @@ def summarize(rows, args):
             "filtered_rows": sum(keep(r, args) for r in rows)}
 
 
+def realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis_template, pad, args):
+    """[(index, row, original Sample)] -> [(index, output row)]: each row's fields, its realigned
+    answer and the DDT statistics of the original and the realigned answer."""
+    indices = [i for i, _, _ in batch]
+    data = [row.data for _, row, _ in batch]
+    results = hinted_decode(model, tokenizer, [d[args.prompt_key] for d in data],
+                            [d[args.response_key] for d in data], params, hint, hint_template,
+                            analysis_template, batch_generator(args.seed, indices, cli.device()))
+    # DDT under the plain prompt, exactly as tools/ddt_score.py scores a response.
+    # A response cut by length or repetition did not end there: no EOS target when scored.
+    realigned = [tokenize_row(tokenizer, {args.prompt_key: row.data[args.prompt_key], args.response_key: r.text},
+                              row.source, i, args.prompt_key, args.response_key, eos=r.end_reason == "eos")
+                 for (i, row, _), r in zip(batch, results) if r.text.strip()]
+    phi_orig = {s["index"]: s["avg_phi"] for s in score_batch(model, [original for _, _, original in batch], pad)}
+    phi_new = {s["index"]: s["avg_phi"] for s in score_batch(model, realigned, pad)} if realigned else {}
+    outs = []
+    for i, d, r in zip(indices, data, results):
+        out = dict(d, realigned=r.text, end_reason=r.end_reason, num_tokens=r.n_tokens, mean_lam=r.mean_lam,
+                   avg_phi_original=phi_orig[i], avg_phi_realigned=phi_new.get(i))
+        if r.analysis is not None:
+            out["analysis"] = r.analysis
+        if args.answer_key in d:
+            out["answer_match"] = answers_match(r.text, d[args.answer_key])
+        outs.append((i, out))
+    return outs
+
+
 def main():
     args = parse_args()
     stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
@@ -100,24 +130,13 @@ def main():
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
     tokenizer = load_tokenizer(folder)
-    rows = read_rows(args.data)
-    originals, error = {}, None
-    try:  # the original answers, tokenized as training would: validates every row before any work
-        for i in shard_indices(len(rows), dp_rank, dp):
-            originals[i] = tokenize_row(tokenizer, rows[i].data, rows[i].source, i, args.prompt_key, args.response_key)
-    except DataError as e:
-        error = str(e)
-    error = cli.first_error(error)
-    if error:
-        raise DataError(error)
-
+    stream = RowStream(args.data)
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
     shards = out_dir / "shards" / final.name
-    writer, done = open_shards(shards, dp_rank, dp, tp_rank == 0)
-    todo = [i for i in originals if i not in done]
-    if dist.get_rank() == 0 and done:
-        print(f"resuming: {len(done)} rows already done", flush=True)
+    writer, done, n_done = open_shards(shards, dp_rank, dp, tp_rank == 0, cli.device())
+    if dist.get_rank() == 0 and n_done:
+        print(f"resuming: {n_done} rows already done", flush=True)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, tp_group, dtype, cli.device())
@@ -125,41 +144,28 @@ def main():
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
     pad = tokenizer.pad_token_id or 0
-    bar = tqdm(total=len(rows), initial=len(done), desc="realign",
+
+    def prepare(i, row):  # the original answer, tokenized as training would: validates the row
+        return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
+
+    bar = tqdm(total=len(stream), initial=n_done, desc="realign",
                unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
-    batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
-    for batch in preempt.in_lockstep(batches, cli.device()):
-        stop.exit_if_agreed(cli.device(), "realign_distributed", f"finished rows are in {shards.parent}")
-        if not batch:
-            continue
-        data = [rows[i].data for i in batch]
-        results = hinted_decode(model, tokenizer, [d[args.prompt_key] for d in data],
-                                [d[args.response_key] for d in data], params, hint, hint_template,
-                                analysis_template, batch_generator(args.seed, batch, cli.device()))
-        # DDT under the plain prompt, exactly as tools/ddt_score.py scores a response.
-        # A response cut by length or repetition did not end there: no EOS target when scored.
-        realigned = {i: tokenize_row(tokenizer, {args.prompt_key: d[args.prompt_key], args.response_key: r.text},
-                                     rows[i].source, i, args.prompt_key, args.response_key,
-                                     eos=r.end_reason == "eos")
-                     for i, d, r in zip(batch, data, results) if r.text.strip()}
-        phi_orig = {s["index"]: s["avg_phi"] for s in score_batch(model, [originals[i] for i in batch], pad)}
-        phi_new = {s["index"]: s["avg_phi"] for s in score_batch(model, list(realigned.values()), pad)} if realigned else {}
-        for i, d, r in zip(batch, data, results):
-            out = dict(d, realigned=r.text, end_reason=r.end_reason, num_tokens=r.n_tokens, mean_lam=r.mean_lam,
-                       avg_phi_original=phi_orig[i], avg_phi_realigned=phi_new.get(i))
-            if r.analysis is not None:
-                out["analysis"] = r.analysis
-            if args.answer_key in d:
-                out["answer_match"] = answers_match(r.text, d[args.answer_key])
-            if writer:
-                writer.write({"index": i, "row": out})
-        bar.update(len(batch) * dp)
+    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        batches = [window[k:k + args.batch_size] for k in range(0, len(window), args.batch_size)]
+        for batch in preempt.in_lockstep(batches, cli.device()):
+            stop.exit_if_agreed(cli.device(), "realign_distributed", f"finished rows are in {shards.parent}")
+            if batch:
+                for i, out in realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis_template,
+                                            pad, args):
+                    if writer:
+                        writer.write({"index": i, "row": out})
+                bar.update(len(batch) * dp)
     bar.close()
     if writer:
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(shards, len(rows), final, "row")
+        merged = merge_shards(shards, len(stream), final, "row")
         write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
         summary = summarize(merged, args)
         write_json_atomic(out_dir / "summary.json", summary)

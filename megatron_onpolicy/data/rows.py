@@ -1,8 +1,12 @@
-"""Rows from JSONL, Parquet or a `datasets` save_to_disk folder. Each row remembers where it came
+"""Rows from JSONL, Parquet or a `datasets` save_to_disk folder, read as a stream: the row count
+is cheap (JSONL: one scan of the bytes; Parquet: its metadata; datasets: the memory-mapped arrow
+table's length) and a reader parses only the rows asked for. Each row remembers where it came
 from, so that a bad field found later (at tokenization) is reported as `file:line: field ...`."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+PARQUET_BATCH = 1024  # rows a Parquet reader decodes at a time (only the wanted ones become Python objects)
 
 
 class DataError(ValueError):
@@ -16,27 +20,95 @@ class Row:
 
 
 def read_rows(path) -> list[Row]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        rows = _read_datasets_folder(path)
-    elif path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raise DataError(f"{path}: unknown format '{path.suffix}' "
-                        "(expected .jsonl, .json lines, .parquet or a datasets folder)")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+    """Every row of a small input, as Python objects."""
+    stream = RowStream(path)
+    return stream.reader().read(range(len(stream)))
 
 
-def _read_jsonl(path: Path) -> list[Row]:
-    # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
-    with open(path, "rb") as f:
-        return [parse_jsonl_line(path, lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+class RowStream:
+    """An input's rows by index (0-based, blank JSONL lines not counted). `len()` is the row count;
+    `reader()` gives a forward-only reader: `read(indices)` with indices ascending across calls."""
+
+    def __init__(self, path):
+        self.path = path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        if path.is_dir():
+            self._ds = open_datasets_folder(path)
+            self._len = len(self._ds)
+        elif path.suffix in (".jsonl", ".json"):
+            with open(path, "rb") as f:
+                self._len = sum(1 for line in f if line.strip())
+        elif path.suffix == ".parquet":
+            self._len = _parquet_file(path).metadata.num_rows
+        else:
+            raise DataError(f"{path}: unknown format '{path.suffix}' "
+                            "(expected .jsonl, .json lines, .parquet or a datasets folder)")
+        if not self._len:
+            raise DataError(f"{path}: no rows")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def reader(self):
+        if self.path.is_dir():
+            return _DatasetsReader(self.path, self._ds)
+        return _JsonlReader(self.path) if self.path.suffix in (".jsonl", ".json") else _ParquetReader(self.path)
+
+
+class _JsonlReader:
+    def __init__(self, path: Path):
+        # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
+        self.path, self._lines, self._next = path, enumerate(open(path, "rb"), 1), 0
+
+    def read(self, indices) -> list[Row]:
+        rows = []
+        for i in indices:
+            for lineno, line in self._lines:  # skipped lines are only scanned for their end, never parsed
+                if not line.strip():
+                    continue
+                index, self._next = self._next, self._next + 1
+                if index == i:
+                    rows.append(parse_jsonl_line(self.path, lineno, line))
+                    break
+        return rows
+
+
+class _ParquetReader:
+    def __init__(self, path: Path):
+        self.path, self._batches, self._batch, self._start = path, None, None, 0
+
+    def read(self, indices) -> list[Row]:
+        import pyarrow as pa
+        rows, indices = [], list(indices)
+        try:
+            if self._batches is None:
+                self._batches = _parquet_file(self.path).iter_batches(batch_size=PARQUET_BATCH)
+                self._batch = next(self._batches)
+            k = 0
+            while k < len(indices):
+                while indices[k] >= self._start + len(self._batch):
+                    self._start += len(self._batch)
+                    self._batch = next(self._batches)
+                end = self._start + len(self._batch)
+                local = [i - self._start for i in indices[k:] if i < end]
+                rows += [Row(obj, f"{self.path}:row {i + self._start}")
+                         for i, obj in zip(local, self._batch.take(pa.array(local)).to_pylist())]
+                k += len(local)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise parquet_error(self.path, e) from None
+        return rows
+
+
+class _DatasetsReader:
+    def __init__(self, path: Path, ds):
+        self.path, self._ds = path, ds
+
+    def read(self, indices) -> list[Row]:
+        indices = list(indices)
+        if not indices:
+            return []
+        return [Row(obj, f"{self.path}:row {i}") for i, obj in zip(indices, self._ds.select(indices).to_list())]
 
 
 def parse_jsonl_line(path, lineno: int, line: bytes) -> Row:
@@ -52,17 +124,12 @@ def parse_jsonl_line(path, lineno: int, line: bytes) -> Row:
     return Row(obj, f"{path}:{lineno}")
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _parquet_file(path: Path):
     import pyarrow.parquet as pq
     try:
-        table = pq.read_table(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt or foreign file
         raise parquet_error(path, e) from None
-    return [Row(obj, f"{path}:row {i}") for i, obj in enumerate(table.to_pylist())]
-
-
-def _read_datasets_folder(path: Path) -> list[Row]:
-    return [Row(obj, f"{path}:row {i}") for i, obj in enumerate(open_datasets_folder(path).to_list())]
 
 
 def parquet_error(path, e: Exception) -> DataError:

@@ -47,6 +47,13 @@ def score_batch(model, samples, pad_id, dump_tokens=False, fused=True, chunk_siz
     return rows
 
 
+def row_keys(dump_tokens=False) -> tuple:
+    """The keys of the dicts `score_batch` returns."""
+    keys = ("index", "num_tokens", "avg_phi", "sum_phi", "z", "avg_logp", "avg_entropy",
+            *(f"frac_phi_gt_{t}" for t in PHI_THRESHOLDS))
+    return keys + (("prompt_ids", "response_ids", "phi", "logp", "entropy") if dump_tokens else ())
+
+
 def length_sorted_batches(samples, batch_size):
     """Micro-batches of similar lengths (less padding); results are per row, so order is free."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))

@@ -1,0 +1,140 @@
+"""Streaming rows (data/rows.py RowStream, data/stream.py): tools/ddt_score.py gives the same rows
+and values whatever the window and the number of ranks, from JSONL, Parquet and a datasets folder;
+a rank parses only its own share; a restart on another number of ranks keeps what was written;
+--keep-keys."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megatron_onpolicy.data import DataError, Row, RowStream, read_rows
+from megatron_onpolicy.ddt.score import row_keys
+from tests.test_realign import tiny_model  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = str(ROOT / "tools" / "ddt_score.py")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+FLOATS = ("avg_phi", "sum_phi", "z", "avg_logp", "avg_entropy")
+N = 11  # rows: odd, so the two ranks' shares differ in size
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("ddt_score_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same rows as JSONL (with blank lines, which are not rows), Parquet and a datasets folder."""
+    tmp = tmp_path_factory.mktemp("data")
+    rows = [dict(json.loads(line), id=f"row-{i}", extra={"n": i})
+            for i, line in enumerate(open(ROOT / "data" / "math_sft.jsonl")) if i < N]
+    (tmp / "d.jsonl").write_text("\n".join(json.dumps(r) + ("\n" if i % 4 == 1 else "") for i, r in enumerate(rows)) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "d.parquet", row_group_size=4)
+    import datasets
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "d.ds"))
+    return rows, tmp
+
+
+def run(ranks, *args):
+    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), TOOL] if ranks > 1 else [sys.executable, TOOL]) + list(args)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_model, data):  # noqa: F811
+    rows, tmp = data
+    base = ["--model", str(tiny_model), "--micro-batch-size", "2"]
+    out = {}
+    for name, ranks, data, extra in (("w1", 1, "d.jsonl", ["--window", "1"]),
+                                     ("w3", 1, "d.ds", ["--window", "3", "--keep-keys", "id"]),
+                                     ("all", 2, "d.parquet", ["--window", "0"])):
+        if name == "all":  # a killed 3-rank run left these rows (one line torn); their values are planted
+            (tmp / "all.jsonl.part-00001-of-00003").write_text(
+                "".join(json.dumps({"index": i, "row": dict(out["w1"][i], avg_phi=100.0 + i)}) + "\n" for i in (1, 4, 10))
+                + '{"index": 7, "row": {"avg_ph')
+        result = run(ranks, *base, "--data", str(tmp / data), "--out", str(tmp / f"{name}.jsonl"), *extra)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out[name] = [json.loads(line) for line in open(tmp / f"{name}.jsonl")]
+        assert not list(tmp.glob(f"{name}.jsonl.part-*")), "shard files left behind"
+    return rows, out, tmp
+
+
+def test_same_rows_and_values_at_any_window_and_rank_count(streamed):
+    rows, out, _ = streamed
+    scores = row_keys()
+    for name, got in out.items():
+        assert [r["index"] for r in got] == list(range(N)), name
+    for row, w1, w3, full in zip(rows, out["w1"], out["w3"], out["all"]):
+        assert {k: w1[k] for k in row} == row  # every input field, by default
+        assert set(w1) == set(row) | set(scores)
+        assert set(w3) == {"id"} | set(scores) and w3["id"] == row["id"]  # --keep-keys id
+        for other in (w3, full):
+            assert other["num_tokens"] == w1["num_tokens"] and other["index"] == w1["index"]
+            if other is full and w1["index"] in (1, 4, 10):
+                continue
+            for key in FLOATS:  # batches differ (window 1: one row each): padding changes the last bits only
+                assert other[key] == pytest.approx(w1[key], rel=1e-5, abs=1e-6), key
+
+
+def test_restart_on_another_rank_count_keeps_what_was_written(streamed):
+    _, out, _ = streamed
+    # Rows 1, 4, 10 came from the 3-rank shard file (not recomputed, not duplicated); the torn row 7 was redone.
+    assert [out["all"][i]["avg_phi"] for i in (1, 4, 10)] == [101.0, 104.0, 110.0]
+    assert out["all"][7]["avg_phi"] == pytest.approx(out["w1"][7]["avg_phi"], rel=1e-5)
+
+
+def test_a_rank_parses_only_its_share(tiny_model, tmp_path):  # noqa: F811
+    lines = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(6)]
+    lines[1] = lines[2] = '{"prompt": "q", "response": '  # index 1: rank 1's share; index 2: rank 0's
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    result = run(2, "--model", str(tiny_model), "--data", str(tmp_path / "bad.jsonl"), "--out",
+                 str(tmp_path / "o.jsonl"), "--window", "2")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ddt_score: error:")]
+    assert result.returncode != 0
+    # Rank 0, first by rank, names line 3: it never parsed line 2 (rank 1's), the first bad line of the file.
+    assert len(errors) == 1 and "bad.jsonl:3: invalid JSON" in errors[0], result.stderr[-3000:]
+    assert not list(tmp_path.glob("o.jsonl*")), "nothing written"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "ds"])
+def test_reader_parses_only_the_rows_asked_for(data, fmt):
+    rows, tmp = data
+    stream = RowStream(tmp / f"d.{fmt}")
+    assert len(stream) == N
+    assert [r.data for r in read_rows(tmp / f"d.{fmt}")] == rows
+    reader = stream.reader()
+    got = reader.read([2, 3]) + reader.read([]) + reader.read([7, 10])  # forward across calls, across row groups
+    assert [r.data for r in got] == [rows[i] for i in (2, 3, 7, 10)]
+    if fmt == "jsonl":
+        assert got[0].source.endswith("d.jsonl:4")  # the blank line after row 1 counts as a line, not a row
+    else:
+        assert got[0].source.endswith(f"d.{fmt}:row 2")
+
+
+def test_jsonl_reader_skips_bad_lines_it_does_not_read(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"a": 0}\nnot json\n\n{"a": 2}\n')
+    stream = RowStream(tmp_path / "x.jsonl")
+    assert len(stream) == 3
+    assert [r.data for r in stream.reader().read([0, 2])] == [{"a": 0}, {"a": 2}]
+    with pytest.raises(DataError, match=r"x.jsonl:2: invalid JSON"):
+        stream.reader().read([1])
+
+
+def test_keep_keys_never_clobbers_a_field():
+    kept_fields = load_tool().kept_fields
+    scores = set(row_keys())
+    row = Row({"prompt": "p", "response": "r", "z": 1.0}, "f.jsonl:3")
+    with pytest.raises(DataError, match="f.jsonl:3: field 'z' has the name of a score"):
+        kept_fields(row, None, scores)
+    assert kept_fields(row, ["prompt"], scores) == {"prompt": "p"}
+    assert kept_fields(row, [], scores) == {}
+    with pytest.raises(DataError, match="f.jsonl:3: field 'id' .* missing"):
+        kept_fields(row, ["id"], scores)
