@@ -6,8 +6,8 @@
              (train/batches.py), so model, data and padding are the same
   ours-ce    launch/pretrain_idft.py --loss ce (run in the wrapper process, as `python` runs it)
   ours-idft  the same, --loss idft
-  ours-pad / ours-pack   --loss idft on variable-length data, padded micro-batches of 4 vs --pack
-             rows of --pack-length tokens
+  ours-pad / ours-pack   --loss idft on variable-length data (responses repeated 1 to 4 times),
+             padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
 
 Tokens are real (not padding) tokens; tokens/s counts the iterations after the first. Also prints
 torch.get_num_threads() inside each case. --profile CASE: cProfile of that case instead.
@@ -35,9 +35,10 @@ def trainer_argv(case: str, a, tmp: Path) -> list:
     data = tmp / ("var.jsonl" if case in ("ours-pad", "ours-pack") else "train.jsonl")
     pack = case == "ours-pack"
     iters = a.pack_iters if pack else a.rows // a.batch
+    batch = 1 if pack else a.pad_batch if case == "ours-pad" else a.batch
     return ["--model", "smollm2-135m", "--train-data", str(data), "--seq-length", str(a.pack_length if pack else 2048),
-            "--micro-batch-size", str(1 if pack else a.batch), "--global-batch-size", str(1 if pack else a.batch),
-            "--train-iters", str(iters), "--loss", "ce" if case == "ours-ce" else "idft", "--lr", "1e-5",
+            "--micro-batch-size", str(batch), "--global-batch-size", str(batch), "--train-iters", str(iters),
+            "--loss", "ce" if case == "ours-ce" else "idft", "--lr", "1e-5",
             "--tensorboard-dir", str(tmp / case), "--deepspeed_config", str(ROOT / "ds_configs" / "zero1_fp32.json"),
             *(["--pack"] if pack else [])]
 
@@ -89,11 +90,11 @@ def run_hf(a, tmp: Path) -> dict:
 def write_data(tmp: Path, rows: int) -> None:
     lines = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(lines[:rows]))
-    # variable length: the bundled rows with their responses repeated 1 to 8 times
+    # variable length: the bundled rows with their responses repeated 1 to 4 times
     with open(tmp / "var.jsonl", "w") as f:
         for i, line in enumerate(lines):
             row = json.loads(line)
-            row["response"] = " ".join([row["response"]] * (1 + i * 5 % 8))
+            row["response"] = " ".join([row["response"]] * (1 + i * 5 % 4))
             f.write(json.dumps(row) + "\n")
 
 
@@ -101,6 +102,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--pad-batch", type=int, default=2, help="ours-pad: padded rows a batch")
     p.add_argument("--pack-length", type=int, default=1024)
     p.add_argument("--pack-iters", type=int, default=4)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -121,8 +123,8 @@ def main():
         return
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp), a.rows)
-        common = ["--tmp", tmp, "--rows", str(a.rows), "--batch", str(a.batch), "--pack-length", str(a.pack_length),
-                  "--pack-iters", str(a.pack_iters)]
+        common = ["--tmp", tmp, "--rows", str(a.rows), "--batch", str(a.batch), "--pad-batch", str(a.pad_batch),
+                  "--pack-length", str(a.pack_length), "--pack-iters", str(a.pack_iters)]
         if a.profile:
             subprocess.run([sys.executable, __file__, "--one", a.profile, "--profile", a.profile, *common], cwd=ROOT)
             return
