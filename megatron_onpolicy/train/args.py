@@ -9,6 +9,7 @@ from .. import cli
 from ..data import DataError
 from ..data.blend import parse_blend
 from ..ddt import LOSS_KINDS, IDFTConfig
+from .recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, check_recompute_args
 
 
 class TrainConfigError(ValueError):
@@ -69,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the head's logits and run the loss on them (default: the fused chunked head + loss)")
     g.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused loss (default: by memory)")
 
+    g = p.add_argument_group("activation recomputation (Megatron's flags; train/recompute.py)")
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES,
+                   help="full: keep only the input of whole decoder layers and recompute them in the backward; "
+                        "selective: recompute each layer's attention sub-block only")
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS,
+                   help="full: uniform (each stage's layers in groups of --recompute-num-layers, all recomputed) "
+                        "or block (the first --recompute-num-layers layers of each stage); default uniform")
+    g.add_argument("--recompute-num-layers", type=int, help="see --recompute-method (default 1)")
+
     g = p.add_argument_group("outputs")
     g.add_argument("--save", help="checkpoint folder (also holds metrics.jsonl)")
     g.add_argument("--load", help="resume from the latest checkpoint in this folder "
@@ -104,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(blend) > 1 and args.epochs:
         p.error("--epochs needs one --train-data PATH; a blend is sized by --train-iters")
     for dest in ("train_iters", "epochs", "seq_length", "micro_batch_size", "global_batch_size",
-                 "save_interval", "eval_interval", "exit_interval", "keep_last", "loss_chunk_size"):
+                 "save_interval", "eval_interval", "exit_interval", "keep_last", "loss_chunk_size",
+                 "recompute_num_layers"):
         value = getattr(args, dest)
         if value is not None and value < 1:
             p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
@@ -117,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} needs --save")
     if args.eval_interval and not args.valid_data:
         p.error("--eval-interval needs --valid-data")
+    check_recompute_args(p, args)
     return args
 
 

@@ -4,7 +4,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from .. import cli, preempt
@@ -12,6 +11,7 @@ from ..ddt import idft_lambda
 from ..model.hf_io import load_hf_weights
 from ..model.loader import load_arch, load_tokenizer
 from ..parallel import state
+from ..parallel.random import seed_model_parallel
 from . import checkpoint
 from .args import idft_config
 from .batches import TrainBatches, load_parts, valid_micro_batches
@@ -22,6 +22,7 @@ from .loss import TrainLoss
 from .metrics import MetricsLog, cat, global_sums, is_last_stage, token_summary, writer_rank
 from .model import build_pipeline, hf_names
 from .optim import make_optimizer, make_scheduler
+from .recompute import Recompute
 
 
 def train(args) -> None:
@@ -36,7 +37,7 @@ def train(args) -> None:
         checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
     stopper = preempt.Stop(preempt.SIGNALS if args.exit_signal_handler else (), args.exit_duration_in_mins) \
         if args.exit_signal_handler or args.exit_duration_in_mins is not None else None
-    torch.manual_seed(args.seed)
+    seed_model_parallel(args.seed)
 
     # Data: memory-mapped indexed datasets (see batches.py); errors are the same on every rank.
     tokenizer = load_tokenizer(folder)
@@ -57,7 +58,8 @@ def train(args) -> None:
     # Model and engine.
     loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size,
                         keep_tokens=writer and bool(args.tensorboard_dir), chunk_size=args.loss_chunk_size)
-    pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn, args.fused_loss)
+    pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn, args.fused_loss,
+                          Recompute.from_args(args))
     if not args.load:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(pipe, folder, hf_names(pipe))
     optimizer = make_optimizer(pipe, args)

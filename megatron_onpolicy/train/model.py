@@ -8,10 +8,14 @@ the hidden state passes `copy_to_tp` in the head, whose backward sums its gradie
 With tied embeddings the embedding and the head are one `TiedLayerSpec`, so the first and last
 stages each hold a copy whose gradients DeepSpeed sums. Stages are balanced by decoder-layer
 count. P == 1 builds the same module (one stage), so there is only one layer list, one naming and
-one loader."""
+one loader. Activation recomputation (train/recompute.py) wraps layers of this list in
+`deepspeed.checkpointing.checkpoint` and leaves the list, and so the names, as they are."""
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint  # = deepspeed.checkpointing.checkpoint
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from ..cli import device
@@ -21,6 +25,7 @@ from ..model.llama import DecoderLayer, LMHead, RMSNorm, Rotary, layer_masks
 from ..parallel.layers import VocabParallelEmbedding, tp_size_rank
 from ..parallel.mappings import copy_to_tp
 from ..parallel.state import ParallelLayoutError
+from .recompute import Recompute
 
 
 class EmbeddingPipe(VocabParallelEmbedding):
@@ -30,15 +35,19 @@ class EmbeddingPipe(VocabParallelEmbedding):
 
 
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, cfg: ArchConfig, tp_group, index: int):
+    def __init__(self, cfg: ArchConfig, tp_group, index: int, recompute_attention: bool = False):
         super().__init__(cfg, tp_group)
-        self.cfg, self.index = cfg, index
+        self.cfg, self.index, self.recompute_attention = cfg, index, recompute_attention
         self.rotary = Rotary(cfg.hf_config)  # no parameters: each layer rebuilds cos / sin from the ids
 
     def forward(self, inputs):
         x, position_ids, *segment_ids = inputs
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = layer_masks(self.cfg, position_ids, segment_ids[0] if segment_ids else None)[self.index]
+        if self.recompute_attention and torch.is_grad_enabled():
+            # DecoderLayer.forward, its attention sub-block kept as its input only and rerun in the backward
+            x = x + checkpoint(self.attn, self.input_norm(x), cos, sin, mask)
+            return (x + self.mlp(self.post_attn_norm(x)), position_ids, *segment_ids)
         return (super().forward(x, cos, sin, mask), position_ids, *segment_ids)
 
 
@@ -63,7 +72,36 @@ class FusedLMHead(LMHead):
         return copy_to_tp(h, self.tp_group), self.weight
 
 
-def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: bool = False) -> PipelineModule:
+class LlamaPipe(PipelineModule):
+    """DeepSpeed's PipelineModule, running this stage's layers in the segments of a full
+    recomputation (Recompute.groups): a recomputed segment through deepspeed.checkpointing.checkpoint,
+    which keeps its input tuple only. (DeepSpeed's own activation_checkpoint_interval cuts the
+    stage's list from its first function, the embedding on stage 0, not at decoder layers.)"""
+
+    def __init__(self, *args, recompute: Recompute = Recompute(), **kwargs):
+        super().__init__(*args, **kwargs)
+        decoder = [i for i, f in enumerate(self.forward_funcs) if isinstance(f, DecoderLayerPipe)]
+        self.recompute_segments = recompute.groups(decoder, len(self.forward_funcs))
+
+    def forward(self, inputs):
+        if not self.recompute_segments or not torch.is_grad_enabled():  # validation keeps nothing anyway
+            return super().forward(inputs)
+        x = inputs
+        for start, stop, recomputed in self.recompute_segments:
+            run = partial(_run_layers, self.forward_funcs[start:stop])
+            x = checkpoint(run, *x) if recomputed else run(*x)
+        return x
+
+
+def _run_layers(funcs, *inputs):
+    x = inputs
+    for f in funcs:
+        x = f(x)
+    return x
+
+
+def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: bool = False,
+                   recompute: Recompute = Recompute()) -> PipelineModule:
     """fused_loss: the head hands (hidden, weight) to loss_fn instead of logits."""
     if cfg.num_layers < topology.get_dim("pipe"):
         raise ParallelLayoutError(f"pipeline-model-parallel-size {topology.get_dim('pipe')} exceeds the model's "
@@ -76,15 +114,16 @@ def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: boo
     else:
         first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(FusedLMHead if fused_loss else LMHead, cfg,
                                                                        tp_group)
-    specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i) for i in range(cfg.num_layers)),
+    selective = recompute.granularity == "selective"
+    specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i, selective) for i in range(cfg.num_layers)),
              LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.rms_norm_eps), head]
     # no_grad: DeepSpeed broadcasts the tied weights in place at construction, which autograd
     # would otherwise record on the parameters. dynamic_shape: activations take the length of
     # each micro-batch's longest sample. On the rank's device: the 8 ranks of a GPU node build
     # their stage's shards on their GPUs, not in host memory first.
     with torch.no_grad(), torch.device(device()):
-        pipe = PipelineModule(specs, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderLayerPipe",
-                              dynamic_shape=True)
+        pipe = LlamaPipe(specs, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderLayerPipe",
+                         dynamic_shape=True, recompute=recompute)
     # What model/hf_io reads off a model: its architecture and TP group.
     pipe.cfg, pipe.tp_group = cfg, tp_group
     _mark_tp_sharded(pipe)
