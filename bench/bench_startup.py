@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Where the trainer's start-up goes: one rank of launch/pretrain_idft.py (the tests' tiny random
 Llama with the SmolLM2 tokenizer, an indexed dataset, one iteration), each phase's wall and CPU
-seconds, from process start to the end of the first iteration, before and after the start-up cut
-of launch/pretrain_idft.py (DeepSpeed's Muon import blocked), interleaved. Every repetition is a
-fresh process; the medians are printed. CPU seconds (the process's, all threads) are what a busy
+seconds, from process start to the end of the first iteration. Every repetition is a fresh
+process; the medians are printed. CPU seconds (the process's, all threads) are what a busy
 machine distorts least.
 
     .venv/bin/python bench/bench_startup.py [--reps 5] [--rows 2000] [--work /tmp/bench_startup]
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 PHASES = (  # (module, function): the set-up steps of train/loop.py, in order
     ("megatron_onpolicy.train.loop", "load_arch"), ("megatron_onpolicy.cli", "start"),
     ("megatron_onpolicy.train.loop", "load_tokenizer"), ("megatron_onpolicy.train.loop", "load_parts"),
@@ -29,15 +27,7 @@ PHASES = (  # (module, function): the set-up steps of train/loop.py, in order
     ("megatron_onpolicy.train.loop", "train_step"))
 
 
-def unblocked_muon(check):
-    def wrapper(*a, **k):
-        if sys.modules.get(MUON, 0) is None:
-            del sys.modules[MUON]
-        return check(*a, **k)
-    return wrapper
-
-
-def child(out: Path, before: bool, argv: list) -> None:
+def child(out: Path, argv: list) -> None:
     import psutil
     start_wall = psutil.Process().create_time()
     clock = lambda: (time.time(), time.process_time())
@@ -67,8 +57,6 @@ def child(out: Path, before: bool, argv: list) -> None:
     for module, name in PHASES:
         m = importlib.import_module(module)
         fn = getattr(m, name)
-        if before and name == "is_zero_supported_optimizer":  # DeepSpeed's check imports Muon, as before
-            fn = unblocked_muon(fn)
         setattr(m, name, timed(name, fn))
     import runpy
     sys.argv = [str(ROOT / "launch" / "pretrain_idft.py")] + argv
@@ -81,10 +69,9 @@ def main():
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_startup"))
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.child:
-        return child(args.child, args.before, rest)
+        return child(args.child, rest)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_data import generate
@@ -100,26 +87,23 @@ def main():
     train = ["--model", str(w / "tiny"), "--train-data", str(w / "data"), "--seq-length", "512",
              "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "0", "--loss", "ce",
              "--deepspeed_config", str(ROOT / "ds_configs" / "zero1_fp32.json")]
-    runs = {"before": [], "after": []}
-    for rep in range(args.reps + 1):  # the first pair warms the page cache and is not counted
-        for variant in runs:  # interleaved, so both see the same load
-            out, save = w / "phases.json", w / f"run-{variant}"
-            out.unlink(missing_ok=True)
-            shutil.rmtree(save, ignore_errors=True)  # a complete checkpoint there would be resumed, not trained
-            result = subprocess.run([sys.executable, __file__, "--child", str(out), *(["--before"] if variant == "before" else []),
-                            *train, "--save", str(save)], cwd=ROOT, capture_output=True, text=True)
-            if not out.is_file():
-                raise RuntimeError(f"the {variant} run failed:\n{result.stderr[-3000:]}")
-            if rep:
-                runs[variant].append(json.loads(out.read_text()))
-    print(f"{'phase':<28} {'before: wall s':>15} {'cpu s':>6} {'after: wall s':>14} {'cpu s':>6}"
-          f"   (medians of {args.reps} fresh processes each)")
-    for name in runs["before"][0]:
-        cells = [statistics.median(r[name][k] if name in r else 0.0 for r in runs[v]) for v in runs for k in (0, 1)]
-        print(f"{name:<28} {cells[0]:15.2f} {cells[1]:6.2f} {cells[2]:14.2f} {cells[3]:6.2f}")
+    runs = []
+    for rep in range(args.reps + 1):  # the first run warms the page cache and is not counted
+        out, save = w / "phases.json", w / "run"
+        out.unlink(missing_ok=True)
+        shutil.rmtree(save, ignore_errors=True)  # a complete checkpoint there would be resumed, not trained
+        result = subprocess.run([sys.executable, __file__, "--child", str(out), *train, "--save", str(save)],
+                                cwd=ROOT, capture_output=True, text=True)
+        if not out.is_file():
+            raise RuntimeError(f"the run failed:\n{result.stderr[-3000:]}")
+        if rep:
+            runs.append(json.loads(out.read_text()))
+    print(f"{'phase':<28} {'wall s':>7} {'cpu s':>6}   (medians of {args.reps} fresh processes)")
+    for name in runs[0]:
+        cells = [statistics.median(r[name][k] if name in r else 0.0 for r in runs) for k in (0, 1)]
+        print(f"{name:<28} {cells[0]:7.2f} {cells[1]:6.2f}")
     print("is_zero_supported_optimizer: inside make_engine (DeepSpeed's ZeRO optimizer check); train_step: the "
           "first iteration; total: process start to its end")
-
 
 if __name__ == "__main__":
     main()

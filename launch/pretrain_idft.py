@@ -17,12 +17,6 @@ from megatron_onpolicy import cli  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError, parse_args  # noqa: E402
 from megatron_onpolicy.train.loop import train  # noqa: E402
 
-# DeepSpeed's ZeRO optimizer check imports its Muon optimizer only to list it as supported, and
-# that import builds torch.compile kernels: about 1 s of CPU per rank at start-up
-# (bench/bench_startup.py). This trainer never uses Muon; a None entry makes the import fail at
-# once, as when Muon is not installed, which DeepSpeed expects.
-sys.modules.setdefault("deepspeed.runtime.zero.muon.muon_optimizer", None)
-
 if __name__ == "__main__":
     args = parse_args()
     cli.run(lambda: train(args), "pretrain_idft", (TrainConfigError,))
