@@ -79,8 +79,11 @@ def test_signalled_training_job_checkpoints_requeues_and_finishes_like_an_uninte
     job = sbatch(s, "pretrain_idft.sbatch", 2, *flags, "--save", s.tmp / "job")
     wait_for(lambda: logged(s.tmp / "job") >= 2, "two iterations", s)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=s.env, check=True)
-    # SLURM holds a requeued job for a while (BeginTime); release it at once.
+    # SLURM holds a requeued job for a while (BeginTime); release it early. Not in the second of
+    # the requeue: slurmd refuses a credential whose creation time (whole seconds) is not after the
+    # old one's revocation ("Job credential revoked"), which is what that hold guards against.
     wait_for(lambda: job_state(s, job) == "PENDING", "the requeue", s)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=s.env, check=True)
     reference = launch(2, *flags, "--save", s.tmp / "torchrun", runner="torchrun")  # while the job waits
     assert reference.returncode == 0, reference.stderr[-3000:]
