@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_onpolicy.model.attention import attend, packed_spans  # noqa: E402
+from cases import case_in_subprocess  # noqa: E402 (bench/cases.py)
 
 CASES = ("causal", "mask", "spans", "mask-window", "spans-window")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -99,13 +100,10 @@ def attention_table(args):
           f"{args.samples} samples, window {args.window}, best of {args.repeat}, one process per case")
     res = {}
     for case in args.cases:
-        cmd = [sys.executable, __file__, "--case", case, "--length", str(args.length), "--samples", str(args.samples),
-               "--window", str(args.window), "--repeat", str(args.repeat), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{case}: failed ({out.stderr.strip().splitlines()[-1:]})")
-            continue
-        res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = case_in_subprocess(__file__, case, ["--case", case, "--length", args.length, "--samples", args.samples,
+                                      "--window", args.window, "--repeat", args.repeat, "--threads", args.threads])
+        if r is not None:
+            res[case] = r
     print(f"sample lengths {next(iter(res.values()))['lengths']}")
     print(f"  {'case':13s} {'time s':>8s} {'peak GB':>8s}")
     for case, r in res.items():

@@ -17,7 +17,6 @@ torch.cuda.max_memory_allocated above the inputs) and the ratios measured side b
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_onpolicy.ddt import IDFTConfig, ddt_loss, fused_ddt_loss  # noqa: E402
+from cases import case_in_subprocess  # noqa: E402 (bench/cases.py)
 
 CASES = ("floor", "naive", "unfused", "fused", "fused-ce", "torch-lce")
 
@@ -108,13 +108,11 @@ def main():
             for n in args.tokens:
                 res = {}
                 for case in args.cases:
-                    cmd = [sys.executable, __file__, "--case", case, "--tokens", str(n), "--vocab", str(v),
-                           "--dim", str(d), "--threads", str(args.threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode:
-                        print(f"N={n} V={v} D={d} {case}: failed ({out.stderr.strip().splitlines()[-1:]})")
-                        continue
-                    res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+                    r = case_in_subprocess(__file__, f"N={n} V={v} D={d} {case}",
+                                           ["--case", case, "--tokens", n, "--vocab", v, "--dim", d,
+                                            "--threads", args.threads])
+                    if r is not None:
+                        res[case] = r
                 print(f"\nN={n} V={v} D={d} ({next(iter(res.values()))['device']})")
                 print(f"  {'case':10s} {'time s':>8s} {'x floor':>8s} {'peak GB':>8s} {'x naive':>8s}")
                 for case, r in res.items():
