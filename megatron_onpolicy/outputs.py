@@ -5,6 +5,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -65,14 +66,18 @@ def cut_torn_line(path: Path) -> None:
 _INDEX = re.compile(rb'\{"index": (\d+)[,}]')  # how ShardWriter's json.dumps starts every line
 
 
+def _index_of(line: bytes) -> int:
+    """A shard line's row index, read from the line's start (no parse of the rest)."""
+    m = _INDEX.match(line)
+    return int(m[1]) if m else json.loads(line)["index"]
+
+
 def written_indices(parts):
-    """The row index of every line of the shard files, read from each line's start (no parse of
-    the rest)."""
+    """The row index of every line of the shard files."""
     for part in parts:
         with open(part, "rb") as f:
             for line in f:
-                m = _INDEX.match(line)
-                yield int(m[1]) if m else json.loads(line)["index"]
+                yield _index_of(line)
 
 
 def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
@@ -80,18 +85,38 @@ def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
     return out.with_name(f"{out.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
 
 
-def collect_shards(parts, expected: int) -> list:
-    """The rows of all shard files, in input order; each index 0..expected-1 exactly once."""
-    rows = {}
-    for part in parts:
-        with open(part, encoding="utf-8") as f:
+def _line_table(parts, expected: int) -> tuple:
+    """(file number, byte offset) of the first line of each row index 0..expected-1 in the shard
+    files: 12 bytes a row, where the rows themselves may be kilobytes each."""
+    part_of = np.full(expected, -1, dtype=np.int32)
+    offset = np.zeros(expected, dtype=np.int64)
+    for k, part in enumerate(parts):
+        with open(part, "rb") as f:
+            pos = 0
             for line in f:
-                row = json.loads(line)
-                rows.setdefault(row["index"], row)
-    missing = sorted(set(range(expected)) - set(rows))
-    if missing:
-        raise RuntimeError(f"{len(missing)} rows missing from the shard files (first: {missing[:5]})")
-    return [rows[i] for i in range(expected)]
+                i = _index_of(line)
+                if i < expected and part_of[i] < 0:  # a row written twice (by two layouts) is the same row
+                    part_of[i], offset[i] = k, pos
+                pos += len(line)
+    missing = np.flatnonzero(part_of < 0)
+    if len(missing):
+        raise RuntimeError(f"{len(missing)} rows missing from the shard files (first: {missing[:5].tolist()})")
+    return part_of, offset
+
+
+def _rows_in_order(parts, part_of, offset, field: str = None):
+    """Each row of the table in input order, read from its shard file; one row in memory at a time.
+    Within a file the rows of a share come nearly in order, so reads stay mostly sequential."""
+    files = [open(part, "rb") for part in parts]
+    try:
+        for k, pos in zip(part_of, offset):
+            f = files[k]
+            f.seek(pos)
+            row = json.loads(f.readline())
+            yield row[field] if field else row
+    finally:
+        for f in files:
+            f.close()
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
@@ -132,14 +157,18 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> 
     return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())
 
 
-def merge_shards(out: Path, expected: int, final: Path, field: str = None) -> list:
+def merge_shards(out: Path, expected: int, final: Path, field: str = None) -> None:
     """Rank 0, once every rank has finished: the rows of all shard files of `out` in input order
-    (each row's `field` where rows are wrapped) -> `final`, written atomically; then the shards,
-    no longer the only copy, are removed. -> the merged rows."""
+    (each row's `field` where rows are wrapped) -> `final`, written atomically and streamed (rank 0
+    holds 12 bytes a row, not the rows); then the shards, no longer the only copy, are removed."""
     parts = shard_files(out)
-    rows = collect_shards(parts, expected)
-    if field:
-        rows = [r[field] for r in rows]
-    write_jsonl_atomic(final, rows)
+    part_of, offset = _line_table(parts, expected)
+    write_jsonl_atomic(final, _rows_in_order(parts, part_of, offset, field))
     remove_shards(parts)
-    return rows
+
+
+def read_jsonl(path: Path):
+    """The rows of a JSONL file this package wrote, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)

@@ -25,7 +25,7 @@ from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, row_keys, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import merge_shards, open_shards, write_json_atomic  # noqa: E402
+from megatron_onpolicy.outputs import merge_shards, open_shards, read_jsonl, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -110,8 +110,8 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(out, len(stream), out, "row")
-        summary = summarize(merged)
+        merge_shards(out, len(stream), out, "row")
+        summary = summarize(read_jsonl(out))
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)
         print(json.dumps(summary, indent=2))

@@ -32,13 +32,13 @@ from tqdm import tqdm  # noqa: E402
 from megatron_onpolicy import cli  # noqa: E402
 from megatron_onpolicy.data import DataError, RowStream, Sample  # noqa: E402
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
-from megatron_onpolicy.ddt.score import length_sorted_batches, score_batch, summarize  # noqa: E402
+from megatron_onpolicy.ddt.score import Summary, length_sorted_batches, score_batch  # noqa: E402
 from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
 from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import merge_shards, open_shards, write_json_atomic  # noqa: E402
+from megatron_onpolicy.outputs import merge_shards, open_shards, read_jsonl, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
@@ -73,15 +73,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def summarize_eval(rows, samples: int) -> dict:
+    """One pass over the rows (streamed from the output file): pass@k where every row is graded,
+    mean length, end reasons and the DDT summary of all completions."""
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
-    completions = [d for r in rows for d in r["ddt"]]
-    graded = all("correct" in r for r in rows)
-    return {"rows": len(rows), "samples": samples,
-            **{f"pass@{k}": sum(pass_at_k(samples, sum(r["correct"]), k) for r in rows) / len(rows)
-               for k in ks if graded},
-            "mean_num_tokens": sum(n for r in rows for n in r["num_tokens"]) / (len(rows) * samples),
-            "end_reasons": dict(Counter(e for r in rows for e in r["end_reasons"])),
-            "ddt": summarize(completions)}
+    n, tokens, graded = 0, 0, True
+    passes, ends, ddt = dict.fromkeys(ks, 0.0), Counter(), Summary()
+    for r in rows:
+        n += 1
+        tokens += sum(r["num_tokens"])
+        ends.update(r["end_reasons"])
+        for d in r["ddt"]:
+            ddt.add(d)
+        graded = graded and "correct" in r
+        if graded:
+            for k in ks:
+                passes[k] += pass_at_k(samples, sum(r["correct"]), k)
+    return {"rows": n, "samples": samples, **({f"pass@{k}": passes[k] / n for k in ks} if graded else {}),
+            "mean_num_tokens": tokens / (n * samples), "end_reasons": dict(ends), "ddt": ddt.result()}
 
 
 def question_and_answer(row, args):
@@ -170,8 +178,8 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(out, len(stream), out, "row")
-        summary = summarize_eval(merged, k)
+        merge_shards(out, len(stream), out, "row")
+        summary = summarize_eval(read_jsonl(out), k)
         summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
         write_json_atomic(summary_path, summary)
         for key, value in summary.items():

@@ -31,7 +31,7 @@ from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decod
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (merge_shards, open_shards, write_json_atomic,  # noqa: E402
+from megatron_onpolicy.outputs import (merge_shards, open_shards, read_jsonl, write_json_atomic,  # noqa: E402
                                        write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
@@ -76,17 +76,25 @@ def keep(row, args) -> bool:
 
 
 def summarize(rows, args):
-    mean = lambda values: sum(values) / len(values) if values else None
-    done = [r for r in rows if r["avg_phi_realigned"] is not None]
-    matches = [r["answer_match"] for r in rows if "answer_match" in r]
-    return {"rows": len(rows),
-            "end_reasons": dict(Counter(r["end_reason"] for r in rows)),
-            "mean_num_tokens": mean([r["num_tokens"] for r in rows]),
-            "mean_lam": mean([r["mean_lam"] for r in rows]),
-            "mean_avg_phi_original": mean([r["avg_phi_original"] for r in rows]),
-            "mean_avg_phi_realigned": mean([r["avg_phi_realigned"] for r in done]),
-            "answer_match_rate": mean([float(m) for m in matches]),
-            "filtered_rows": sum(keep(r, args) for r in rows)}
+    """One pass over the rows (streamed from the output file)."""
+    means = {"mean_num_tokens": "num_tokens", "mean_lam": "mean_lam", "mean_avg_phi_original": "avg_phi_original"}
+    n, ends, sums = 0, Counter(), dict.fromkeys(means, 0.0)
+    realigned, done, matched, graded, kept = 0.0, 0, 0, 0, 0
+    for r in rows:
+        n += 1
+        ends[r["end_reason"]] += 1
+        for name, key in means.items():
+            sums[name] += r[key]
+        if r["avg_phi_realigned"] is not None:
+            realigned, done = realigned + r["avg_phi_realigned"], done + 1
+        if "answer_match" in r:
+            matched, graded = matched + r["answer_match"], graded + 1
+        kept += keep(r, args)
+    mean = lambda total, count: total / count if count else None
+    return {"rows": n, "end_reasons": dict(ends),
+            **{name: mean(total, n) for name, total in sums.items()},
+            "mean_avg_phi_realigned": mean(realigned, done), "answer_match_rate": mean(matched, graded),
+            "filtered_rows": kept}
 
 
 def realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis_template, pad, args):
@@ -165,9 +173,9 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merged = merge_shards(shards, len(stream), final, "row")
-        write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", [r for r in merged if keep(r, args)])
-        summary = summarize(merged, args)
+        merge_shards(shards, len(stream), final, "row")
+        write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
+        summary = summarize(read_jsonl(final), args)
         write_json_atomic(out_dir / "summary.json", summary)
         for key, value in summary.items():
             print(f"{key:>24}: {value}")

@@ -2,6 +2,7 @@
 
 Only the response (loss-masked) tokens count. z = sum phi / sqrt(sum var) is approximately
 N(0, 1) for text the model itself would sample."""
+import bisect
 import math
 
 import torch
@@ -60,14 +61,41 @@ def length_sorted_batches(samples, batch_size):
     return [[samples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
-def summarize(rows):
-    """Dataset-level summary: means over rows, token-weighted mean phi, z histogram."""
-    n = len(rows)
-    tokens = sum(r["num_tokens"] for r in rows)
-    mean = lambda key: sum(r[key] for r in rows) / n
-    edges = (-math.inf,) + Z_BINS + (math.inf,)
-    hist = {f"[{lo}, {hi})": sum(lo <= r["z"] < hi for r in rows) for lo, hi in zip(edges, edges[1:])}
-    return {"rows": n, "tokens": tokens,
-            "mean_avg_phi": mean("avg_phi"), "token_mean_phi": sum(r["sum_phi"] for r in rows) / tokens,
-            "mean_z": mean("z"), "mean_avg_logp": mean("avg_logp"), "mean_avg_entropy": mean("avg_entropy"),
-            "share_z_lt_-3": sum(r["z"] < -3 for r in rows) / n, "z_histogram": hist}
+class Summary:
+    """Dataset-level summary, accumulated one row at a time (no list of rows is held): means over
+    rows, the token-weighted mean phi, the z histogram."""
+
+    MEANS = ("avg_phi", "z", "avg_logp", "avg_entropy")
+
+    def __init__(self):
+        self.rows = self.tokens = self.low_z = 0
+        self.sum_phi = 0.0
+        self.sums = dict.fromkeys(self.MEANS, 0.0)
+        self.edges = (-math.inf,) + Z_BINS + (math.inf,)
+        self.hist = [0] * (len(self.edges) - 1)
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        self.tokens += row["num_tokens"]
+        self.sum_phi += row["sum_phi"]
+        for key in self.MEANS:
+            self.sums[key] += row[key]
+        self.low_z += row["z"] < -3
+        b = bisect.bisect_right(self.edges, row["z"]) - 1  # bins [lo, hi): +inf and nan fall in none
+        if b < len(self.hist):
+            self.hist[b] += 1
+
+    def result(self) -> dict:
+        n = self.rows
+        return {"rows": n, "tokens": self.tokens,
+                "mean_avg_phi": self.sums["avg_phi"] / n, "token_mean_phi": self.sum_phi / self.tokens,
+                "mean_z": self.sums["z"] / n, "mean_avg_logp": self.sums["avg_logp"] / n,
+                "mean_avg_entropy": self.sums["avg_entropy"] / n, "share_z_lt_-3": self.low_z / n,
+                "z_histogram": {f"[{lo}, {hi})": c for lo, hi, c in zip(self.edges, self.edges[1:], self.hist)}}
+
+
+def summarize(rows) -> dict:
+    summary = Summary()
+    for row in rows:
+        summary.add(row)
+    return summary.result()

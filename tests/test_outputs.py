@@ -1,0 +1,106 @@
+"""The tools' end of run on rank 0: shard files merged in input order without holding the rows, and
+summaries accumulated in one pass over the merged file, checked against direct list computations."""
+import json
+import math
+import random
+import sys
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megatron_onpolicy.ddt.score import Z_BINS, summarize
+from megatron_onpolicy.outputs import merge_shards, read_jsonl, shard_files, shard_path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from evaluate import pass_at_k, summarize_eval  # noqa: E402
+
+
+def write_part(out, rank, size, rows):
+    with open(shard_path(out, rank, size), "w", encoding="utf-8") as f:
+        for i, row in rows:
+            f.write(json.dumps({"index": i, "row": row}) + "\n")
+
+
+def payload(i, size=16):
+    return {"text": f"row {i} " + "x" * size, "n": i}
+
+
+def test_merge_two_layouts_out_of_order(tmp_path):
+    # A 2-rank run wrote part of its shares (the windows sorted by length, so not in index order),
+    # then a 3-rank restart wrote the rest, one row again.
+    out = tmp_path / "out.jsonl"
+    write_part(out, 0, 2, [(4, payload(4)), (0, payload(0))])
+    write_part(out, 1, 2, [(3, payload(3)), (1, payload(1))])
+    write_part(out, 2, 3, [(5, payload(5)), (2, payload(2)), (4, {"text": "later copy"})])
+    merge_shards(out, 6, out, "row")
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [payload(i) for i in range(6)]
+    assert shard_files(out) == []
+
+
+def test_missing_row_keeps_the_shards(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_part(out, 0, 2, [(0, payload(0)), (2, payload(2))])
+    write_part(out, 1, 2, [(1, payload(1))])
+    with pytest.raises(RuntimeError, match=r"2 rows missing .*first: \[3, 4\]"):
+        merge_shards(out, 5, out, "row")
+    assert len(shard_files(out)) == 2 and not out.exists()
+    assert len(list(tmp_path.iterdir())) == 2  # no temporary file left either
+
+
+def test_merge_holds_one_row_at_a_time(tmp_path):
+    # 400 rows of 50 kB: the old merge held all 20 MB of them (and their parsed objects) on rank 0.
+    out = tmp_path / "big.jsonl"
+    n, size = 400, 50_000
+    for rank in range(2):
+        write_part(out, rank, 2, [(i, payload(i, size)) for i in range(rank, n, 2)])
+    tracemalloc.start()
+    merge_shards(out, n, tmp_path / "merged.jsonl", "row")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000, peak
+    assert [r["n"] for r in read_jsonl(tmp_path / "merged.jsonl")] == list(range(n))
+
+
+def ddt_row(rng, z):
+    n = rng.randint(1, 50)
+    return {"num_tokens": n, "sum_phi": rng.uniform(-2, 1) * n, "avg_phi": rng.uniform(-2, 1), "z": z,
+            "avg_logp": rng.uniform(-3, 0), "avg_entropy": rng.uniform(0, 3)}
+
+
+def test_summaries_match_direct_computation(tmp_path):
+    rng = random.Random(0)
+    zs = [*Z_BINS, -math.inf, math.inf, -7.5, 0.0, 2.9, 8.0] + [rng.gauss(0, 3) for _ in range(40)]
+    rows = [ddt_row(rng, z) for z in zs]
+    got = summarize(iter(rows))  # an iterator: one pass
+    n = len(rows)
+    edges = (-math.inf, *Z_BINS, math.inf)
+    assert got["rows"] == n and got["tokens"] == sum(r["num_tokens"] for r in rows)
+    finite = [r for r in rows if math.isfinite(r["z"])]
+    assert summarize(finite)["mean_z"] == pytest.approx(sum(r["z"] for r in finite) / len(finite), rel=1e-12)
+    for key in ("avg_phi", "avg_logp", "avg_entropy"):
+        assert got[f"mean_{key}"] == pytest.approx(sum(r[key] for r in rows) / n, rel=1e-12)
+    assert got["token_mean_phi"] == pytest.approx(sum(r["sum_phi"] for r in rows) / got["tokens"], rel=1e-12)
+    assert got["share_z_lt_-3"] == sum(r["z"] < -3 for r in rows) / n
+    assert list(got["z_histogram"].values()) == [sum(lo <= r["z"] < hi for r in rows) for lo, hi in zip(edges, edges[1:])]
+    assert sum(got["z_histogram"].values()) == n - 1  # +inf is in no [lo, hi) bin
+
+    # evaluate's summary: k = 4 samples a row, pass@1/2/4 from each row's count of correct ones.
+    eval_rows = [{"num_tokens": [rng.randint(1, 9) for _ in range(4)], "end_reasons": rng.choices(["eos", "max-length"], k=4),
+                  "correct": [rng.random() < 0.4 for _ in range(4)], "ddt": [ddt_row(rng, rng.gauss(0, 1)) for _ in range(4)]}
+                 for _ in range(12)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    got = summarize_eval(read_jsonl(path), 4)
+    assert got["rows"] == 12 and got["samples"] == 4
+    for k in (1, 2, 4):
+        assert got[f"pass@{k}"] == pytest.approx(sum(pass_at_k(4, sum(r["correct"]), k) for r in eval_rows) / 12)
+    assert got["pass@1"] == pytest.approx(sum(map(sum, (r["correct"] for r in eval_rows))) / 48)
+    assert got["mean_num_tokens"] == sum(map(sum, (r["num_tokens"] for r in eval_rows))) / 48
+    assert got["end_reasons"] == dict(Counter(e for r in eval_rows for e in r["end_reasons"]))
+    assert got["ddt"] == summarize([d for r in eval_rows for d in r["ddt"]])
+    ungraded = [dict(r) for r in eval_rows]
+    del ungraded[5]["correct"]
+    assert not any(key.startswith("pass@") for key in summarize_eval(ungraded, 4))
