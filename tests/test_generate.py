@@ -14,6 +14,7 @@ import transformers
 
 from megatron_onpolicy.generate import (END_REASONS, HintConfig, SamplingParams, TemplateError, generate,
                                         hinted_generate, is_repeating, lam_schedule, load_template, sample)
+from megatron_onpolicy.generate.engine import DecodeState
 from megatron_onpolicy.generate.hinted import write_analysis
 from megatron_onpolicy.generate.templates import render
 from megatron_onpolicy.model.loader import load_model
@@ -84,6 +85,24 @@ def test_greedy_matches_recompute_and_transformers(tiny, kind):
                                  do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=eos)[0, len(prompt):].tolist()
         assert got.tokens == alone.tokens == ref == theirs
         assert got.end_reason == ("eos" if ref[-1] == eos else "max-length")
+
+
+def test_prefill_in_groups_equals_one_batch(tiny):
+    """Groups prefilled at their own widths, right-aligned in one cache, give the logits of the
+    one left-padded prefill, and so do the decode steps over the shared cache after them."""
+    folder, _ = tiny["mistral-window"]
+    model, _ = load_model(str(folder))
+    prompts = prompts_of([2, 40, 7, 33])
+    tokens = torch.tensor([5, 6, 7, 8])
+    with torch.no_grad():
+        whole, grouped = DecodeState(model, prompts, 3), DecodeState(model, prompts, 3)
+        for cache in grouped.caches:  # what a group does not write must not leak into a step
+            cache.k.fill_(float("nan"))
+            cache.v.fill_(float("nan"))
+        got = [(grouped.prefill(groups=[[1, 3], [2, 0]]), whole.prefill())]
+        got += [(grouped.step(tokens + k), whole.step(tokens + k)) for k in range(2)]
+    for a, b in got:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 HINTED_PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=MAX_NEW, seed=5)

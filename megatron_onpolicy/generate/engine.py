@@ -2,8 +2,8 @@
 
 Prompts of different lengths share one batch, left-padded: each row keeps its own position ids
 (0 at its first real token) and pad keys are masked out, so a row generates exactly what it would
-alone. One prefill forward over the prompts (each prompt one causal span, no [B, 1, L, L] mask),
-then one forward per new token (a [B, 1, 1, Lk] mask of the valid keys)."""
+alone. One prefill forward over the prompts, or one per group of them (each prompt one causal
+span, no [B, 1, L, L] mask), then one forward per new token (a [B, 1, 1, Lk] mask of the valid keys)."""
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from ..model.attention import left_padded_spans
 from ..model.llama import attention_mask
 from ..parallel.mappings import gather_from_tp
-from .cache import make_caches
+from .cache import KVCache, make_caches
 from .sampling import sample, seeded_generator
 from .stopping import end_reason
 
@@ -60,38 +60,61 @@ class DecodeState:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.next_pos = torch.tensor([len(p) for p in prompts], device=self.device)
 
-    def prefill(self):
+    def prefill(self, groups=None):
+        """groups: lists of rows prefilled by separate forwards, each at its own prompts' width and
+        right-aligned in the common cache, so that short prompts do not compute the pads of the
+        longest (hinted decoding: the hinted stream, then the plain one). Default: one group."""
         width = max(len(p) for p in self.prompts)
-        ids = torch.zeros(len(self.prompts), width, dtype=torch.long, device=self.device)
-        pos = torch.zeros_like(ids)
-        for i, p in enumerate(self.prompts):
-            pad = width - len(p)
-            ids[i, pad:] = torch.tensor(p, device=self.device)
-            pos[i, pad:] = torch.arange(len(p), device=self.device)
-            self.key_valid[i, pad:width] = True
-        # Pad queries output zeros (not attention over nothing, which would be NaN and leak
-        # through pad values as 0 * NaN); the cached pad keys are masked out in every step.
-        spans = left_padded_spans([width - len(p) for p in self.prompts], width)
-        return self._forward(ids, pos, [spans.with_window(w) for w in self.model.cfg.windows])
+        logits = None
+        for rows in groups or [range(len(self.prompts))]:
+            rows = list(rows)
+            prompts = [self.prompts[r] for r in rows]
+            w = max(len(p) for p in prompts)
+            ids = torch.zeros(len(rows), w, dtype=torch.long, device=self.device)
+            pos = torch.zeros_like(ids)
+            for i, (r, p) in enumerate(zip(rows, prompts)):
+                ids[i, w - len(p):] = torch.tensor(p, device=self.device)
+                pos[i, w - len(p):] = torch.arange(len(p), device=self.device)
+                self.key_valid[r, width - len(p):width] = True
+            index = torch.tensor(rows, device=self.device)
+            self.key_pos[index, width - w:width] = pos
+            # Pad queries output zeros (not attention over nothing, which would be NaN and leak
+            # through pad values as 0 * NaN); the cached pad keys are masked out in every step.
+            spans = left_padded_spans([w - len(p) for p in prompts], w)
+            views = [_RowsView(cache, index, width) for cache in self.caches]
+            out = last_position_logits(self.model, ids, pos, [spans.with_window(x) for x in self.model.cfg.windows], views)
+            if logits is None:
+                logits = out.new_empty(len(self.prompts), out.shape[-1])
+            logits[index] = out
+        for cache in self.caches:
+            cache.length = width
+        return logits
 
     def step(self, tokens):
         """Feed one token per row ([B]); rows that already stopped may be fed anything."""
         end = self.caches[0].length
-        self.key_valid[:, end] = True
         pos = self.next_pos[:, None]
         self.next_pos = self.next_pos + 1
-        return self._forward(tokens[:, None], pos)
+        self.key_pos[:, end], self.key_valid[:, end] = pos[:, 0], True
+        k_pos, k_valid = self.key_pos[:, :end + 1], self.key_valid[:, :end + 1]
+        windows = self.model.cfg.windows
+        by_window = {w: attention_mask(pos, k_pos, w, k_valid=k_valid) for w in set(windows)}
+        return last_position_logits(self.model, tokens[:, None], pos, [by_window[w] for w in windows], self.caches)
 
-    def _forward(self, ids, pos, masks=None):
-        start = self.caches[0].length
-        end = start + ids.shape[1]
-        self.key_pos[:, start:end] = pos
-        if masks is None:
-            k_pos, k_valid = self.key_pos[:, :end], self.key_valid[:, :end]
-            windows = self.model.cfg.windows
-            by_window = {w: attention_mask(pos, k_pos, w, k_valid=k_valid) for w in set(windows)}
-            masks = [by_window[w] for w in windows]
-        return last_position_logits(self.model, ids, pos, masks, self.caches)
+
+class _RowsView:
+    """A layer's cache as one prefill group writes it: the group's rows, its keys and values
+    right-aligned to end at `end`; the columns before them, never attended, are zeroed (finite)."""
+
+    def __init__(self, cache: KVCache, rows, end: int):
+        self.cache, self.rows, self.end = cache, rows, end
+
+    def update(self, k, v):
+        start = self.end - k.shape[2]
+        for full, new in ((self.cache.k, k), (self.cache.v, v)):
+            full[self.rows, :, :start] = 0
+            full[self.rows, :, start:self.end] = new
+        return k, v  # a prefill attends within its own prompts only
 
 
 def last_position_logits(model, ids, pos, masks, caches):

@@ -78,7 +78,7 @@ def hinted_generate(model, tokenizer, hinted_prompts: list[list[int]], plain_pro
     outputs, lams = [[] for _ in range(n)], [[] for _ in range(n)]
     reasons = [None] * n
     plain_only = [False] * n  # the splitter has been written
-    logits = state.prefill()
+    logits = state.prefill(groups=[range(0, 2 * n, 2), range(1, 2 * n, 2)])  # each stream at its own width
     for step in range(params.max_new_tokens):
         logp = logits.log_softmax(dim=-1)
         logp_hint, logp_plain = logp[0::2], logp[1::2]
