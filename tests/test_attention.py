@@ -18,6 +18,7 @@ from megatron_onpolicy.model.attention import attend, left_padded_spans, packed_
 from megatron_onpolicy.model.hub import resolve_model_path
 from megatron_onpolicy.model.llama import layer_masks
 from megatron_onpolicy.model.loader import load_model, load_tokenizer
+from megatron_onpolicy.train import model as train_model
 from tests.test_model import VOCAB, make_hf_model
 from tests.train_utils import ROOT, launch, read_metrics
 
@@ -177,6 +178,24 @@ def test_layer_masks_keep_plain_causal_on_the_fast_path(hf_models):
     window = load_model(str(hf_models["mistral-window"][0]))[0].cfg  # window 5
     assert [s.window for s in layer_masks(window, pos)] == [5] * window.num_layers
     assert layer_masks(window, torch.arange(4).expand(2, 4)) == [None] * window.num_layers
+
+
+def test_stage_masks_made_once_per_micro_batch(hf_models, monkeypatch):
+    """A pipeline stage's layers share one StageMasks: the packed spans (a host sync) are made
+    once per micro-batch's ids tensor, and anew for the next one even where its values differ
+    only slightly."""
+    cfg = load_model(str(hf_models["llama-tied"][0]))[0].cfg
+    calls = []
+    monkeypatch.setattr(train_model, "layer_masks", lambda *a: calls.append(a) or layer_masks(*a))
+    masks = train_model.StageMasks(cfg)
+    pos = torch.arange(8).expand(1, 8)
+    first = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    got = [masks(pos, first) for _ in range(cfg.num_layers)]
+    assert len(calls) == 1 and all(m is got[0] for m in got)
+    second = first.clone()
+    second[0, 2] = 1  # the next micro-batch: another tensor, other cuts
+    assert masks(pos, second) == layer_masks(cfg, pos, second) != got[0]
+    assert len(calls) == 2
 
 
 def test_pack_training_loss_equals_transformers_per_sample(tmp_path):

@@ -10,6 +10,7 @@ stages each hold a copy whose gradients DeepSpeed sums. Stages are balanced by d
 count. P == 1 builds the same module (one stage), so there is only one layer list, one naming and
 one loader. Activation recomputation (train/recompute.py) wraps layers of this list in
 `deepspeed.checkpointing.checkpoint` and leaves the list, and so the names, as they are."""
+import weakref
 from functools import partial
 
 import torch
@@ -34,16 +35,33 @@ class EmbeddingPipe(VocabParallelEmbedding):
         return (super().forward(input_ids), *ids)
 
 
+class StageMasks:
+    """The attention of the micro-batch a stage is running, made once for all its decoder layers:
+    packed spans read the segment ids on the host, a sync that per layer would stall a GPU stage
+    once a layer. Keyed on the ids tensor itself (a weak reference): every micro-batch's forward
+    gets new input tensors (DeepSpeed clones a stage's received inputs; a recomputed segment gets
+    detached ones), so a stale entry is never taken for a new micro-batch."""
+
+    def __init__(self, cfg: ArchConfig):
+        self.cfg, self._ids, self._masks = cfg, None, None
+
+    def __call__(self, position_ids, segment_ids=None):
+        ids = position_ids if segment_ids is None else segment_ids
+        if self._ids is None or self._ids() is not ids:
+            self._ids, self._masks = weakref.ref(ids), layer_masks(self.cfg, position_ids, segment_ids)
+        return self._masks
+
+
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, cfg: ArchConfig, tp_group, index: int, recompute_attention: bool = False):
+    def __init__(self, cfg: ArchConfig, tp_group, index: int, masks: StageMasks, recompute_attention: bool = False):
         super().__init__(cfg, tp_group)
-        self.cfg, self.index, self.recompute_attention = cfg, index, recompute_attention
+        self.cfg, self.index, self.masks, self.recompute_attention = cfg, index, masks, recompute_attention
         self.rotary = Rotary(cfg.hf_config)  # no parameters: each layer rebuilds cos / sin from the ids
 
     def forward(self, inputs):
         x, position_ids, *segment_ids = inputs
         cos, sin = self.rotary(position_ids, x.dtype)
-        mask = layer_masks(self.cfg, position_ids, segment_ids[0] if segment_ids else None)[self.index]
+        mask = self.masks(position_ids, *segment_ids)[self.index]
         if self.recompute_attention and torch.is_grad_enabled():
             # DecoderLayer.forward, its attention sub-block kept as its input only and rerun in the backward
             x = x + checkpoint(self.attn, self.input_norm(x), cos, sin, mask)
@@ -115,7 +133,8 @@ def build_pipeline(cfg: ArchConfig, tp_group, topology, loss_fn, fused_loss: boo
         first, head = LayerSpec(EmbeddingPipe, *embed_args), LayerSpec(FusedLMHead if fused_loss else LMHead, cfg,
                                                                        tp_group)
     selective = recompute.granularity == "selective"
-    specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i, selective) for i in range(cfg.num_layers)),
+    masks = StageMasks(cfg)  # one per process: the layers a stage builds share it
+    specs = [first, *(LayerSpec(DecoderLayerPipe, cfg, tp_group, i, masks, selective) for i in range(cfg.num_layers)),
              LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.rms_norm_eps), head]
     # no_grad: DeepSpeed broadcasts the tied weights in place at construction, which autograd
     # would otherwise record on the parameters. dynamic_shape: activations take the length of
