@@ -83,6 +83,10 @@ def _token_stats(m: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, zy: Tensor) -> T
     return TokenStats(logp, entropy, logp + entropy, var, m, log_s0)
 
 
+def _reshaped(stats: TokenStats, shape) -> TokenStats:
+    return TokenStats(*(t.reshape(shape) for t in vars(stats).values()))
+
+
 def _accumulate_grads(e: Tensor, c: Tensor, s0_y: Tensor, index: Tensor, hc: Tensor, w: Tensor,
                       grad_h: Tensor, grad_w: Tensor):
     """Add one chunk's gradient to grad_h (its rows) and grad_w (the real vocab rows), for the logit
@@ -136,8 +140,7 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
                       torch.where(owned, zy + delta, 0.0).unsqueeze(-1)], dim=-1)
     if group is not None:
         dist.all_reduce(sums, group=group)
-    stats = _token_stats(m, *sums.unbind(-1))
-    return TokenStats(*(t.reshape(shape) for t in vars(stats).values()))
+    return _reshaped(_token_stats(m, *sums.unbind(-1)), shape)
 
 
 class _FusedWeightedCE(torch.autograd.Function):
@@ -171,16 +174,18 @@ class _FusedWeightedCE(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _one_pass(h: Tensor, weight: Tensor, y: Tensor, mask: Tensor, denom, n_valid: int, rows: int,
-              weights_of, need_h: bool, need_w: bool):
-    """TP = 1: (stats, w, gamma, coef) of the flat tokens and the fp32 gradients of
-    sum(coef * -log p_y) in h and weight (None where not needed), in one pass over the chunks."""
+def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, n_valid: int, rows: int,
+              weights_of):
+    """TP = 1: (stats, w, gamma, coef) and the fp32 gradients of sum(coef * -log p_y) in hidden and
+    weight (None for one that needs none), in one pass over the chunks."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    mask = loss_mask.reshape(-1).float()
     n = h.shape[0]
     w = _fp32(weight[:n_valid])
-    index, owned = local_target_index(y, 0, n_valid)
+    index, owned = local_target_index(targets.reshape(-1), 0, n_valid)
     out = torch.empty(9, n, device=h.device)  # the six TokenStats fields, w, gamma, coef
-    grad_h = torch.empty(h.shape, device=h.device) if need_h else None  # every row is written
-    grad_w = torch.zeros(weight.shape, device=h.device) if need_w else None  # padded rows stay zero
+    grad_h = torch.empty(h.shape, device=h.device) if hidden.requires_grad else None  # every row written
+    grad_w = torch.zeros(weight.shape, device=h.device) if weight.requires_grad else None  # padding stays 0
     bufs = _buffers(3, rows, n, n_valid, h.device)
     for rs in _chunks(n, rows):
         hc = _fp32(h[rs])
@@ -192,8 +197,8 @@ def _one_pass(h: Tensor, weight: Tensor, y: Tensor, mask: Tensor, denom, n_valid
         # d loss / d z_j = coef * (p_j - 1[j == y]) with p_j = e_j / s0.
         _accumulate_grads(e, coef / s0, s0 * owned[rs], index[rs], hc, w,
                           None if grad_h is None else grad_h[rs], None if grad_w is None else grad_w[:n_valid])
-    *fields, tw, gamma, coef = out.unbind(0)
-    return TokenStats(*fields), tw, gamma, coef, grad_h, grad_w
+    *fields, tw, gamma, coef = (t.reshape(targets.shape) for t in out)
+    return TokenStats(*fields), tw, gamma, coef, (grad_h, grad_w)
 
 
 class _PrecomputedGradCE(torch.autograd.Function):
@@ -211,7 +216,8 @@ class _PrecomputedGradCE(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("the fused loss's gradients were already taken (backward twice through it)")
-        grad_h, grad_w = (None if g is None else g.mul_(grad_out).to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        grad_h, grad_w = (None if g is None else g.mul_(grad_out).to(dtype)
+                          for g, dtype in zip(grads, ctx.dtypes))
         return None if grad_h is None else grad_h.reshape(ctx.shape), grad_w, None, None, None
 
 
@@ -224,15 +230,11 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
     rows = chunk_rows(n_valid, chunk_size)
     vocab = true_vocab_size(weight.shape[0], group, vocab_size)
-    need_h, need_w = hidden.requires_grad, weight.requires_grad
-    if (group is None or dist.get_world_size(group) == 1) and torch.is_grad_enabled() and (need_h or need_w):
-        shape = targets.shape
-        stats, w, gamma, coef, grad_h, grad_w = _one_pass(
-            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), loss_mask.reshape(-1).float(),
-            denom, n_valid, rows, lambda s: token_weights(kind, s, lam, idft, vocab), need_h, need_w)
-        stats = TokenStats(*(t.reshape(shape) for t in vars(stats).values()))
-        w, gamma, coef = (t.reshape(shape) for t in (w, gamma, coef))
-        return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, (grad_h, grad_w)), stats, w, gamma
+    one_rank = group is None or dist.get_world_size(group) == 1
+    if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid, rows,
+                                                 lambda s: token_weights(kind, s, lam, idft, vocab))
+        return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
     stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
     w, gamma = token_weights(kind, stats, lam, idft, vocab)
     coef = loss_mask.float() * w / denom
