@@ -166,7 +166,9 @@ def check_frozen_input_and_second_backward():
 
 def test_chunk_rows():
     assert chunk_rows(49152, 7) == 7
-    assert chunk_rows(49152) * 49152 * 4 <= CHUNK_BYTES < (chunk_rows(49152) + 1) * 49152 * 4
+    for buffers in (2, 3):
+        rows = chunk_rows(49152, buffers=buffers)
+        assert rows * 49152 * 4 * buffers <= CHUNK_BYTES < (rows + 1) * 49152 * 4 * buffers
     assert chunk_rows(1 << 40) == 1
 
 

@@ -30,16 +30,17 @@ from torch import Tensor
 from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
-# A chunk buffer of fp32 logits takes about this many bytes (the statistics pass holds two such
-# buffers, the one-pass loop three).
-CHUNK_BYTES = 64 << 20
+# The [rows, V/TP] fp32 buffers of a chunk loop take about this many bytes together (two in the
+# statistics pass, one in the two-pass backward, three in the one pass).
+CHUNK_BYTES = 128 << 20
 
 
-def chunk_rows(n_cols: int, chunk_size: int = None) -> int:
-    """Tokens per chunk: chunk_size if given, else as many as fit CHUNK_BYTES of fp32 logits."""
+def chunk_rows(n_cols: int, chunk_size: int = None, buffers: int = 2) -> int:
+    """Tokens per chunk: chunk_size if given, else as many as `buffers` fp32 buffers of n_cols
+    columns fit in CHUNK_BYTES."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, CHUNK_BYTES // (4 * max(n_cols, 1)))
+    return max(1, CHUNK_BYTES // (4 * buffers * max(n_cols, 1)))
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -228,16 +229,17 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
 
     Under TP, hidden must come through `copy_to_tp` (its gradient here is this rank's partial)."""
     start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
-    rows = chunk_rows(n_valid, chunk_size)
     vocab = true_vocab_size(weight.shape[0], group, vocab_size)
     one_rank = group is None or dist.get_world_size(group) == 1
     if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid, rows,
+        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid,
+                                                 chunk_rows(n_valid, chunk_size, buffers=3),
                                                  lambda s: token_weights(kind, s, lam, idft, vocab))
         return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
     stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
     w, gamma = token_weights(kind, stats, lam, idft, vocab)
     coef = loss_mask.float() * w / denom
     log_z = stats.max_logit + stats.log_sum_exp
-    loss = _FusedWeightedCE.apply(hidden, weight, targets, coef, stats.logp, log_z, start, n_valid, rows)
+    loss = _FusedWeightedCE.apply(hidden, weight, targets, coef, stats.logp, log_z, start, n_valid,
+                                  chunk_rows(n_valid, chunk_size))
     return loss, stats, w, gamma
