@@ -175,8 +175,8 @@ class _FusedWeightedCE(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, n_valid: int, rows: int,
-              weights_of):
+def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, n_valid: int,
+              rows: int, weights_of):
     """TP = 1: (stats, w, gamma, coef) and the fp32 gradients of sum(coef * -log p_y) in hidden and
     weight (None for one that needs none), in one pass over the chunks."""
     h = hidden.reshape(-1, hidden.shape[-1])
