@@ -5,7 +5,8 @@
   naive     (a) the reference code's way: logits, softmax, log_softmax, entropy and cross-entropy
                 each over the full [N, V] logits, IDFT weights, autograd
   unfused   (b) ours before fusion: F.linear, then ddt_loss (vocab-parallel stats + custom backward)
-  fused     (c) ours fused: ddt/fused.py, chunked over tokens, IDFT (fused-ce: plain CE)
+  fused     (c) ours fused: ddt/fused.py, chunked over tokens, IDFT (fused-ce: plain CE); at TP = 1
+                one pass, both gradients formed in the forward (three matmuls)
   torch-lce (d) torch.nn.functional.linear_cross_entropy with its chunked options (plain CE only)
   floor     (e) the three matmuls alone: h @ W^T, then dh = G @ W and dW = G^T @ h
 

@@ -1,13 +1,15 @@
 """The fused chunked head + loss (ddt/fused.py) against the unfused path (F.linear, then ddt_loss):
-values, statistics and the gradients of hidden states and weight, at TP = 1, 2, 4, with padded
-vocabularies, masked tokens, ragged chunks, tied embeddings and bf16 inputs."""
+values, statistics and the gradients of hidden states and weight, at TP = 1 (the one-pass path,
+no group or a group of one rank), 2 and 4 (two passes), with padded vocabularies, masked tokens,
+ragged chunks, tied embeddings, bf16 inputs and a backward with grad_out != 1."""
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_onpolicy.ddt import ddt_loss
-from megatron_onpolicy.ddt.fused import CHUNK_BYTES, chunk_rows, fused_ddt_loss
+from megatron_onpolicy.ddt.fused import CHUNK_BYTES, chunk_rows, fused_ddt_loss, fused_stats
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
 from tests.dist_utils import run_distributed
@@ -15,6 +17,7 @@ from tests.test_ddt_math import LOSSES, close, count_collectives
 
 SHAPE, DIM = (3, 7), 16  # 21 tokens
 CHUNKS = (None, 4, 1)    # one chunk; 6 chunks with a ragged last of 1; one token a chunk
+GRAD_OUT = {4: 2.5}      # d L / d loss of the backward, by chunk (default 1)
 STATS = ("logp", "entropy", "phi", "var")
 
 
@@ -34,8 +37,9 @@ def tp_info(group):
     return (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
 
 
-def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk=None):
-    """(loss, stats, hidden grad, weight grad, collectives of the forward, of the backward) of one path."""
+def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk=None, grad_out=1.0):
+    """(loss, stats, hidden grad, weight grad, collectives of the forward, of the backward, matmul
+    flops of the backward) of one path; the backward is that of grad_out * loss."""
     h = hidden.clone().requires_grad_()
     w = shard.clone().requires_grad_()
     x = copy_to_tp(h, group)  # the model's structure: the head's input is summed over TP in backward
@@ -46,9 +50,9 @@ def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk
                                                chunk_size=chunk)
         else:
             loss, stats, _, _ = ddt_loss(F.linear(x, w), targets, mask, kind, denom, group, vocab, lam)
-    with count_collectives() as backward:
-        loss.backward()
-    return loss.detach(), stats, h.grad, w.grad, forward, backward
+    with count_collectives() as backward, FlopCounterMode(display=False) as flops:
+        (grad_out * loss).backward()
+    return loss.detach(), stats, h.grad, w.grad, forward, backward, flops.get_total_flops()
 
 
 def check_fused_matches_unfused(vocab, padded, group):
@@ -62,18 +66,25 @@ def check_fused_matches_unfused(vocab, padded, group):
         ref = run_path(False, hidden, shard, targets, mask, kind, lam, group, vocab)
         for chunk in CHUNKS:
             what = f"TP={tp} V={vocab}/{padded} {kind} lam={lam} chunk={chunk}"
-            loss, stats, gh, gw, calls, back_calls = run_path(True, hidden, shard, targets, mask, kind, lam,
-                                                              group, vocab, chunk)
+            grad_out = GRAD_OUT.get(chunk, 1.0)
+            loss, stats, gh, gw, calls, back_calls, back_flops = run_path(
+                True, hidden, shard, targets, mask, kind, lam, group, vocab, chunk, grad_out)
             # One MAX and one SUM all-reduce forward, whatever the number of chunks; the backward's
             # only collective is copy_to_tp's sum of the hidden-state gradient.
             assert calls == ["all_reduce"] * (0 if tp == 1 else 2), (what, calls)
             assert back_calls == ref[5] == ["all_reduce"] * (tp > 1), (what, back_calls)
+            # TP = 1: the forward formed both gradients, the backward only scales them (no matmul);
+            # TP > 1: the backward recomputes the logits (of a shard that is not all padding).
+            assert (back_flops > 0) == (tp > 1 and vocab > rank * shard_rows), (what, back_flops)
             close(loss, ref[0], what=what + " loss")
             for name in STATS:
                 sel = keep if name in ("logp", "phi") else slice(None)  # masked positions have no target
                 close(getattr(stats, name)[sel], getattr(ref[1], name)[sel], what=f"{what} {name}")
-            close(gh, ref[2], what=what + " hidden grad")
-            close(gw, ref[3], what=what + " weight grad")
+            if tp == 1:  # the statistics the one pass logs are those of the no-grad path, bit for bit
+                alone = fused_stats(hidden, shard, targets, group, vocab, chunk)
+                assert all(torch.equal(getattr(stats, k), getattr(alone, k)) for k in vars(alone)), what
+            close(gh, grad_out * ref[2], what=what + " hidden grad")
+            close(gw, grad_out * ref[3], what=what + " weight grad")
             assert gw[max(0, vocab - rank * shard_rows):].abs().sum() == 0, what  # padding rows: no grad
             assert gh.dtype == gw.dtype == torch.float32, what
 
@@ -138,9 +149,26 @@ def check_bf16(vocab, padded, group):
         close(got[2], ref[2], atol=2 ** -7 * float(ref[2].abs().max()), rtol=2 ** -7, what="bf16 hidden grad")
 
 
+def check_frozen_input_and_second_backward():
+    """One pass with only one input requiring a gradient gives that one; a second backward through
+    the graph is an error, not a gradient scaled twice."""
+    hidden, weight, targets, mask = make_case(37, 40, seed=4)
+    ref = run_path(False, hidden, weight, targets, mask, "idft", 1.0, None, 37)
+    for frozen in ("hidden", "weight"):
+        h, w = hidden.clone().requires_grad_(frozen != "hidden"), weight.clone().requires_grad_(frozen != "weight")
+        loss = fused_ddt_loss(h, w, targets, mask, "idft", float(mask.sum()) + 2, None, 37, chunk_size=4)[0]
+        loss.backward(retain_graph=True)
+        got, want = (w, ref[3]) if frozen == "hidden" else (h, ref[2])
+        close(got.grad, want, what=f"frozen {frozen}")
+        with pytest.raises(RuntimeError, match="backward twice"):
+            loss.backward()
+
+
 def test_chunk_rows():
     assert chunk_rows(49152, 7) == 7
-    assert chunk_rows(49152) * 49152 * 4 <= CHUNK_BYTES < (chunk_rows(49152) + 1) * 49152 * 4
+    for buffers in (2, 3):
+        rows = chunk_rows(49152, buffers=buffers)
+        assert rows * 49152 * 4 * buffers <= CHUNK_BYTES < (rows + 1) * 49152 * 4 * buffers
     assert chunk_rows(1 << 40) == 1
 
 
@@ -148,6 +176,7 @@ def test_single_process():
     check_fused_matches_unfused(37, 40, None)
     check_tied_embedding(37, 37, None)
     check_bf16(37, 40, None)
+    check_frozen_input_and_second_backward()
 
 
 def _tp_worker(rank, world_size):
@@ -159,6 +188,8 @@ def _tp_worker(rank, world_size):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # TP=2 twice: group ranks, not global
     check_fused_matches_unfused(37, 40, pairs[rank // 2])
     check_far_shards(pairs[rank // 2])
+    singles = [dist.new_group([r]) for r in range(world_size)]  # the trainer's TP group at T = 1
+    check_fused_matches_unfused(37, 40, singles[rank])
 
 
 def test_tp2_and_tp4():

@@ -3,9 +3,17 @@
 From the final hidden states h [N, D] and this rank's vocab shard of the head weight W [V/TP, D],
 the same numbers as `ddt_loss(h @ W^T, ...)` are computed without a [N, V/TP] logits tensor: one
 chunk of tokens at a time, its fp32 logits are built, reduced to per-token partial sums and
-dropped. The collectives are those of the unfused path, one MAX and one packed SUM all-reduce
-for all chunks together: each chunk's partials are taken against the chunk's own (rank-local)
-max m_l; once the global max m is known they are moved to it with delta = m_l - m <= 0:
+dropped. Logits, statistics and both gradients are accumulated in fp32 whatever the input dtype.
+
+TP = 1 with a gradient wanted: one pass. A chunk's partial sums are over the whole vocabulary, so
+its statistics, token weights and logit gradient are known at once; the gradient goes into grad_h
+and grad_W before the next chunk, three [N, D] x [D, V] matmuls in all (as in Liger's fused linear
+cross-entropy), and the autograd backward only scales them by grad_out.
+
+TP > 1, or no gradient: two passes. The collectives are those of the unfused path, one MAX and one
+packed SUM all-reduce for all chunks together: each chunk's partials are taken against the chunk's
+own (rank-local) max m_l; once the global max m is known they are moved to it with
+delta = m_l - m <= 0:
 
     sum e^(z-m)           = a * s0                            a = e^delta
     sum e^(z-m) (z-m)     = a * (s1 + delta s0)
@@ -13,27 +21,83 @@ max m_l; once the global max m is known they are moved to it with delta = m_l - 
 
 The backward recomputes each chunk's logits from h and W and the saved logsumexp, and needs no
 collective: the caller passes h through `copy_to_tp`, whose backward sums h's gradient over TP
-once. Logits, statistics and both gradients are accumulated in fp32 whatever the input dtype.
+once.
 """
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
-# A chunk's fp32 logits take about this many bytes (the statistics pass holds two such buffers).
-CHUNK_BYTES = 64 << 20
+# The [rows, V/TP] fp32 buffers of a chunk loop take about this many bytes together (two in the
+# statistics pass, one in the two-pass backward, three in the one pass).
+CHUNK_BYTES = 128 << 20
 
 
-def chunk_rows(n_cols: int, chunk_size: int = None) -> int:
-    """Tokens per chunk: chunk_size if given, else as many as fit CHUNK_BYTES of fp32 logits."""
+def chunk_rows(n_cols: int, chunk_size: int = None, buffers: int = 2) -> int:
+    """Tokens per chunk: chunk_size if given, else as many as `buffers` fp32 buffers of n_cols
+    columns fit in CHUNK_BYTES."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, CHUNK_BYTES // (4 * max(n_cols, 1)))
+    return max(1, CHUNK_BYTES // (4 * buffers * max(n_cols, 1)))
 
 
 def _fp32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
+
+
+def _chunks(n: int, rows: int):
+    """The token ranges of the chunks, the last one ragged."""
+    for r0 in range(0, n, rows):
+        yield slice(r0, min(r0 + rows, n))
+
+
+def _buffers(count: int, rows: int, n: int, n_cols: int, device) -> list[Tensor]:
+    """count chunk buffers reused by all chunks: fresh [rows, V/TP] allocations would each be
+    page-faulted in anew."""
+    return [torch.empty(min(rows, n), n_cols, device=device) for _ in range(count)]
+
+
+def _chunk_partials(hc: Tensor, w: Tensor, index: Tensor, d_buf: Tensor, e_buf: Tensor, ed_buf: Tensor):
+    """(e, m, s0, s1, s2, z_y - m) of one chunk: e = exp(z - m) [rows, V/TP] in e_buf with m the
+    chunk's (rank-local) row max, s_k = sum e (z - m)^k. ed_buf is e_buf where e is not needed
+    afterwards (e is then overwritten), a third buffer where it is."""
+    d = torch.mm(hc, w.t(), out=d_buf)  # the chunk's fp32 logits
+    m = d.amax(-1)
+    d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
+    e = torch.exp(d, out=e_buf)
+    s0 = e.sum(-1)
+    ed = torch.mul(e, d, out=ed_buf)
+    s1 = ed.sum(-1)
+    s2 = ed.mul_(d).sum(-1)
+    return e, m, s0, s1, s2, d.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
+def _token_stats(m: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, zy: Tensor) -> TokenStats:
+    """The statistics from the full-vocab sums against the global max m (zy: z_y - m)."""
+    log_s0 = torch.log(s0)
+    mean_d = s1 / s0
+    logp = zy - log_s0
+    entropy = log_s0 - mean_d
+    var = (s2 / s0 - mean_d * mean_d).clamp_(min=0.0)
+    return TokenStats(logp, entropy, logp + entropy, var, m, log_s0)
+
+
+def _reshaped(stats: TokenStats, shape) -> TokenStats:
+    return TokenStats(*(t.reshape(shape) for t in vars(stats).values()))
+
+
+def _accumulate_grads(e: Tensor, c: Tensor, s0_y: Tensor, index: Tensor, hc: Tensor, w: Tensor,
+                      grad_h: Tensor, grad_w: Tensor):
+    """Add one chunk's gradient to grad_h (its rows) and grad_w (the real vocab rows), for the logit
+    gradient c * (e_j - s0_y 1[j == y]). The row factor c goes on the [rows, D] side of each matmul
+    and the one-hot term is one scatter into e, so the [rows, V/TP] buffer takes no other pass."""
+    e.scatter_add_(-1, index.unsqueeze(-1), -s0_y.unsqueeze(-1))
+    if grad_h is not None:
+        torch.mm(e, w, out=grad_h).mul_(c.unsqueeze(-1))
+    if grad_w is not None:
+        grad_w.addmm_(e.t(), hc * c.unsqueeze(-1))
 
 
 @torch.no_grad()
@@ -45,35 +109,26 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     targets: hidden.shape[:-1]."""
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
     start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
     w = _fp32(weight[:n_valid])
-    index, owned = local_target_index(y, start, n_valid)
+    index, owned = local_target_index(targets.reshape(-1), start, n_valid)
     n = h.shape[0]
     # Rows: the local max m_l and s0, s1, s2, z_y - m_l against it.
     part = torch.zeros(5, n, device=h.device)
     part[0] = float("-inf")
     if n_valid > 0:
-        rows = min(chunk_rows(n_valid, chunk_size), max(n, 1))
-        # Two buffers for all chunks: fresh [rows, V/TP] allocations would each be page-faulted in anew.
-        d_buf, e_buf = (torch.empty(rows, n_valid, device=h.device) for _ in range(2))
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            d = torch.mm(_fp32(h[r0:r1]), w.t(), out=d_buf[:r1 - r0])  # the chunk's fp32 logits
-            m = d.amax(-1)
-            d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
-            e = torch.exp(d, out=e_buf[:r1 - r0])
-            part[0, r0:r1] = m
-            part[1, r0:r1] = e.sum(-1)
-            part[2, r0:r1] = e.mul_(d).sum(-1)
-            part[3, r0:r1] = e.mul_(d).sum(-1)
-            part[4, r0:r1] = d.gather(-1, index[r0:r1].unsqueeze(-1)).squeeze(-1)
+        rows = chunk_rows(n_valid, chunk_size)
+        d_buf, e_buf = _buffers(2, rows, n, n_valid, h.device)
+        for rs in _chunks(n, rows):
+            k = rs.stop - rs.start
+            part[:, rs] = torch.stack(_chunk_partials(_fp32(h[rs]), w, index[rs], d_buf[:k], e_buf[:k],
+                                                      e_buf[:k])[1:])
         del d_buf, e_buf
     m_local, s0, s1, s2, zy = part.unbind(0)
 
     m = m_local.clone()
     if group is not None:
-        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     # A rank whose shard is empty or whose max underflows against m adds nothing to s0, s1, s2;
     # where() rather than products keeps its -inf or huge delta from making 0 * inf = nan. The
     # target's logit is exact whatever its rank's max (an owning rank has a finite one).
@@ -85,15 +140,8 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     sums = torch.cat([torch.where(live.unsqueeze(-1), moments, 0.0),
                       torch.where(owned, zy + delta, 0.0).unsqueeze(-1)], dim=-1)
     if group is not None:
-        torch.distributed.all_reduce(sums, group=group)
-    s0, s1, s2, zy = sums.unbind(-1)
-
-    log_s0 = torch.log(s0)
-    mean_d = s1 / s0
-    logp = zy - log_s0
-    entropy = log_s0 - mean_d
-    var = (s2 / s0 - mean_d * mean_d).clamp_(min=0.0)
-    return TokenStats(*(t.reshape(shape) for t in (logp, entropy, logp + entropy, var, m, log_s0)))
+        dist.all_reduce(sums, group=group)
+    return _reshaped(_token_stats(m, *sums.unbind(-1)), shape)
 
 
 class _FusedWeightedCE(torch.autograd.Function):
@@ -108,7 +156,7 @@ class _FusedWeightedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, coef, log_z = ctx.saved_tensors
-        start, n_valid, rows = ctx.start, ctx.n_valid, ctx.rows
+        start, n_valid = ctx.start, ctx.n_valid
         h = hidden.reshape(-1, hidden.shape[-1])
         scale = (grad_out * coef).reshape(-1)  # d loss / d z_j = scale * (p_j - 1[j == y])
         log_z = log_z.reshape(-1)
@@ -117,17 +165,61 @@ class _FusedWeightedCE(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, device=h.device)       # fp32 accumulation of both gradients
         grad_w = torch.zeros(weight.shape, device=h.device)  # padded rows keep a zero gradient
         n = h.shape[0] if n_valid > 0 else 0
-        g_buf = torch.empty(min(rows, n), n_valid, device=h.device)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            hc = _fp32(h[r0:r1])
-            g = torch.mm(hc, w.t(), out=g_buf[:r1 - r0])
-            g.sub_(log_z[r0:r1].unsqueeze(-1)).exp_().mul_(scale[r0:r1].unsqueeze(-1))
-            g.scatter_add_(-1, index[r0:r1].unsqueeze(-1), -(scale[r0:r1] * owned[r0:r1]).unsqueeze(-1))
-            torch.mm(g, w, out=grad_h[r0:r1])
-            grad_w[:n_valid].addmm_(g.t(), hc)
+        (p_buf,) = _buffers(1, ctx.rows, n, n_valid, h.device)
+        for rs in _chunks(n, ctx.rows):
+            hc = _fp32(h[rs])
+            p = torch.mm(hc, w.t(), out=p_buf[:rs.stop - rs.start]).sub_(log_z[rs].unsqueeze(-1)).exp_()
+            _accumulate_grads(p, scale[rs], owned[rs].float(), index[rs], hc, w, grad_h[rs], grad_w[:n_valid])
         return (grad_h.to(hidden.dtype).reshape(hidden.shape), grad_w.to(weight.dtype),
                 None, None, None, None, None, None, None)
+
+
+@torch.no_grad()
+def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, n_valid: int,
+              rows: int, weights_of):
+    """TP = 1: (stats, w, gamma, coef) and the fp32 gradients of sum(coef * -log p_y) in hidden and
+    weight (None for one that needs none), in one pass over the chunks."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    mask = loss_mask.reshape(-1).float()
+    n = h.shape[0]
+    w = _fp32(weight[:n_valid])
+    index, owned = local_target_index(targets.reshape(-1), 0, n_valid)
+    out = torch.empty(9, n, device=h.device)  # the six TokenStats fields, w, gamma, coef
+    grad_h = torch.empty(h.shape, device=h.device) if hidden.requires_grad else None  # every row written
+    grad_w = torch.zeros(weight.shape, device=h.device) if weight.requires_grad else None  # padding stays 0
+    bufs = _buffers(3, rows, n, n_valid, h.device)
+    for rs in _chunks(n, rows):
+        hc = _fp32(h[rs])
+        e, m, s0, s1, s2, zy = _chunk_partials(hc, w, index[rs], *(b[:rs.stop - rs.start] for b in bufs))
+        stats = _token_stats(m, s0, s1, s2, torch.where(owned[rs], zy, 0.0))
+        tw, gamma = weights_of(stats)
+        coef = mask[rs] * tw / denom
+        out[:, rs] = torch.stack([*vars(stats).values(), tw, gamma, coef])
+        # d loss / d z_j = coef * (p_j - 1[j == y]) with p_j = e_j / s0.
+        _accumulate_grads(e, coef / s0, s0 * owned[rs], index[rs], hc, w,
+                          None if grad_h is None else grad_h[rs], None if grad_w is None else grad_w[:n_valid])
+    *fields, tw, gamma, coef = (t.reshape(targets.shape) for t in out)
+    return TokenStats(*fields), tw, gamma, coef, (grad_h, grad_w)
+
+
+class _PrecomputedGradCE(torch.autograd.Function):
+    """sum(coef * -log p_y) whose fp32 gradients in hidden and weight `_one_pass` already formed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, coef, logp, grads):
+        # grads on ctx, not saved: backward drops them so that autograd may take the returned
+        # fp32 tensors as .grad without a copy.
+        ctx.grads, ctx.shape, ctx.dtypes = grads, hidden.shape, (hidden.dtype, weight.dtype)
+        return -(coef * logp).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused loss's gradients were already taken (backward twice through it)")
+        grad_h, grad_w = (None if g is None else g.mul_(grad_out).to(dtype)
+                          for g, dtype in zip(grads, ctx.dtypes))
+        return None if grad_h is None else grad_h.reshape(ctx.shape), grad_w, None, None, None
 
 
 def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, kind: str, denom,
@@ -136,9 +228,16 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     """`ddt_loss(hidden @ weight^T, ...)`, differentiable in hidden and weight, chunk by chunk.
 
     Under TP, hidden must come through `copy_to_tp` (its gradient here is this rank's partial)."""
-    stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
     start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
-    w, gamma = token_weights(kind, stats, lam, idft, true_vocab_size(weight.shape[0], group, vocab_size))
+    vocab = true_vocab_size(weight.shape[0], group, vocab_size)
+    one_rank = group is None or dist.get_world_size(group) == 1
+    if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid,
+                                                 chunk_rows(n_valid, chunk_size, buffers=3),
+                                                 lambda s: token_weights(kind, s, lam, idft, vocab))
+        return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
+    stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
+    w, gamma = token_weights(kind, stats, lam, idft, vocab)
     coef = loss_mask.float() * w / denom
     log_z = stats.max_logit + stats.log_sum_exp
     loss = _FusedWeightedCE.apply(hidden, weight, targets, coef, stats.logp, log_z, start, n_valid,
