@@ -165,11 +165,13 @@ def check_frozen_input_and_second_backward():
 
 
 def test_chunk_rows():
-    assert chunk_rows(49152, 7) == 7
+    assert chunk_rows(49152, 576, 7) == 7
     for buffers in (2, 3):
-        rows = chunk_rows(49152, buffers=buffers)
+        rows = chunk_rows(49152, 64, buffers=buffers)  # a small shard: CHUNK_BYTES
         assert rows * 49152 * 4 * buffers <= CHUNK_BYTES < (rows + 1) * 49152 * 4 * buffers
-    assert chunk_rows(1 << 40) == 1
+        # A shard bigger than CHUNK_BYTES: the buffers take its fp32 size, about dim / buffers rows.
+        assert chunk_rows(151936, 3584, buffers=buffers) == 3584 // buffers
+    assert chunk_rows(1 << 40, 1) == 1
 
 
 def test_single_process():

@@ -30,17 +30,21 @@ from torch import Tensor
 from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
-# The [rows, V/TP] fp32 buffers of a chunk loop take about this many bytes together (two in the
-# statistics pass, one in the two-pass backward, three in the one pass).
+# The [rows, V/TP] fp32 buffers of a chunk loop take at least this many bytes together (two in
+# the statistics pass, one in the two-pass backward, three in the one pass).
 CHUNK_BYTES = 128 << 20
 
 
-def chunk_rows(n_cols: int, chunk_size: int = None, buffers: int = 2) -> int:
+def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) -> int:
     """Tokens per chunk: chunk_size if given, else as many as `buffers` fp32 buffers of n_cols
-    columns fit in CHUNK_BYTES."""
+    columns fit in the larger of CHUNK_BYTES and the fp32 size of the weight shard [n_cols, dim].
+    Every chunk reads the shard (and adds to its gradient) once more, so chunks much shorter than
+    dim rows are bound by that memory traffic, not by their matmuls; buffers the size of the
+    shard's fp32 gradient at most double what the loss holds anyway."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, CHUNK_BYTES // (4 * buffers * max(n_cols, 1)))
+    n_cols = max(n_cols, 1)
+    return max(1, max(CHUNK_BYTES, 4 * n_cols * dim) // (4 * buffers * n_cols))
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -117,7 +121,7 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     part = torch.zeros(5, n, device=h.device)
     part[0] = float("-inf")
     if n_valid > 0:
-        rows = chunk_rows(n_valid, chunk_size)
+        rows = chunk_rows(n_valid, weight.shape[-1], chunk_size)
         d_buf, e_buf = _buffers(2, rows, n, n_valid, h.device)
         for rs in _chunks(n, rows):
             k = rs.stop - rs.start
@@ -233,7 +237,7 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     one_rank = group is None or dist.get_world_size(group) == 1
     if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid,
-                                                 chunk_rows(n_valid, chunk_size, buffers=3),
+                                                 chunk_rows(n_valid, weight.shape[-1], chunk_size, buffers=3),
                                                  lambda s: token_weights(kind, s, lam, idft, vocab))
         return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
     stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
@@ -241,5 +245,5 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     coef = loss_mask.float() * w / denom
     log_z = stats.max_logit + stats.log_sum_exp
     loss = _FusedWeightedCE.apply(hidden, weight, targets, coef, stats.logp, log_z, start, n_valid,
-                                  chunk_rows(n_valid, chunk_size))
+                                  chunk_rows(n_valid, weight.shape[-1], chunk_size))
     return loss, stats, w, gamma
