@@ -39,7 +39,7 @@ def trainer_argv(case: str, a, tmp: Path) -> list:
     return ["--model", "smollm2-135m", "--train-data", str(data), "--seq-length", str(a.pack_length if pack else 2048),
             "--micro-batch-size", str(batch), "--global-batch-size", str(batch), "--train-iters", str(iters),
             "--loss", "ce" if case == "ours-ce" else "idft", "--lr", "1e-5",
-            "--tensorboard-dir", str(tmp / case), "--deepspeed_config", str(ROOT / "ds_configs" / "zero1_fp32.json"),
+            "--tensorboard-dir", str(tmp / case), "--deepspeed_config", a.deepspeed_config,
             *(["--pack"] if pack else [])]
 
 
@@ -107,6 +107,7 @@ def main():
     p.add_argument("--pack-iters", type=int, default=4)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--profile", choices=CASES)
+    p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "zero1_fp32.json"), help="ours-* cases")
     p.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # the wrapper process of one case
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -124,7 +125,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp), a.rows)
         common = ["--tmp", tmp, "--rows", str(a.rows), "--batch", str(a.batch), "--pad-batch", str(a.pad_batch),
-                  "--pack-length", str(a.pack_length), "--pack-iters", str(a.pack_iters)]
+                  "--pack-length", str(a.pack_length), "--pack-iters", str(a.pack_iters),
+                  "--deepspeed-config", a.deepspeed_config]
         if a.profile:
             subprocess.run([sys.executable, __file__, "--one", a.profile, "--profile", a.profile, *common], cwd=ROOT)
             return
