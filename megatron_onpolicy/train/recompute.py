@@ -5,7 +5,7 @@ full: a recomputed block keeps only its input; its activations are rebuilt in th
 running it again. Which decoder layers, per pipeline stage as in Megatron: `uniform` recomputes
 all of them, in groups of `num_layers` layers (one kept input a group), `block` recomputes the
 first `num_layers` layers one by one and keeps the rest. The embedding, final norm and head are
-never recomputed (the fused loss already recomputes the head's logits chunk by chunk).
+never recomputed (the fused loss never keeps the head's logits: it works chunk by chunk).
 
 selective: every layer recomputes its attention sub-block (QKV projection, RoPE, core attention,
 output projection) and keeps the MLP's activations. Megatron's selective recomputes the core
