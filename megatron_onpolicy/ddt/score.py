@@ -9,7 +9,7 @@ import torch
 
 from ..data import collate
 from .fused import fused_stats
-from .stats import vocab_parallel_stats
+from .stats import TokenStats, vocab_parallel_stats
 
 PHI_THRESHOLDS = (-1, -3, -5)
 Z_BINS = (-5.0, -3.0, -1.0, 1.0, 3.0)
@@ -23,17 +23,19 @@ def score_batch(model, samples, pad_id, dump_tokens=False, fused=True, chunk_siz
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
     args = (model.tp_group, model.cfg.vocab_size)
-    if fused:
-        hidden = model(batch["input_ids"], batch["position_ids"], hidden_only=True)
-        stats = fused_stats(hidden, model.lm_head.weight, batch["targets"], *args, chunk_size=chunk_size)
+    keep = batch["loss_mask"] > 0
+    if fused:  # only the response tokens reach the head
+        hidden = model(batch["input_ids"], batch["position_ids"], hidden_only=True)[keep]
+        stats = fused_stats(hidden, model.lm_head.weight, batch["targets"][keep], *args, chunk_size=chunk_size)
     else:
         logits = model(batch["input_ids"], batch["position_ids"])
         stats = vocab_parallel_stats(logits, batch["targets"], *args)
+        stats = TokenStats(*(t[keep] for t in vars(stats).values()))
+    # the response tokens of all rows in row order, split by row
+    counts = keep.sum(-1).tolist()
+    per_row = zip(*(t.double().cpu().split(counts) for t in (stats.phi, stats.logp, stats.entropy, stats.var)))
     rows = []
-    for i, sample in enumerate(samples):
-        keep = batch["loss_mask"][i] > 0
-        phi, logp, ent, var = (t[i][keep].double().cpu() for t in (stats.phi, stats.logp, stats.entropy, stats.var))
-        n = int(keep.sum())
+    for sample, n, (phi, logp, ent, var) in zip(samples, counts, per_row):
         row = {"index": sample.index, "num_tokens": n,
                "avg_phi": float(phi.mean()), "sum_phi": float(phi.sum()),
                "z": float(phi.sum() / math.sqrt(max(float(var.sum()), 1e-12))),

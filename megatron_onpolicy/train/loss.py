@@ -36,6 +36,12 @@ class TrainLoss:
         kind, denom = ("ce", 1.0) if self.evaluating else (self.kind, self.denom)
         if isinstance(outputs, tuple):
             hidden, weight = outputs
+            # Only the loss tokens reach the head: prompts and padding, most of an SFT batch's
+            # positions, have zero weight and no recorded statistics. (The count is a host sync,
+            # one per micro-batch; the rows' gradient is scattered back by autograd.)
+            rows = loss_mask.reshape(-1).nonzero().squeeze(-1)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+            targets, loss_mask = targets.reshape(-1)[rows], loss_mask.reshape(-1)[rows]
             loss, stats, _, gamma = fused_ddt_loss(hidden, weight, targets, loss_mask, kind, denom, self.tp_group,
                                                    self.vocab_size, self.lam, self.idft, self.chunk_size)
         else:
