@@ -4,7 +4,8 @@
   hf         a plain transformers loop: AutoModelForCausalLM, torch.optim.AdamW, mean CE over the
              loss tokens, clipping at 1.0 (as ours), on the very micro-batches our trainer draws
              (train/batches.py), so model, data and padding are the same
-  ours-ce    launch/pretrain_idft.py --loss ce (run in the wrapper process, as `python` runs it)
+  ours-ce    launch/pretrain_idft.py --loss ce (run in the wrapper process, as `python` runs it), with
+             ds_configs/zero0_fp32.json, what one fp32 rank needs (--deepspeed-config: another)
   ours-idft  the same, --loss idft
   ours-pad / ours-pack   --loss idft on variable-length data (responses repeated 1 to 4 times),
              padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
@@ -12,12 +13,13 @@
 Tokens are real (not padding) tokens; tokens/s counts the iterations after the first. Also prints
 torch.get_num_threads() inside each case. --profile CASE: cProfile of that case instead.
 
-    .venv/bin/python bench/bench_trainer.py [--rows 24] [--batch 4] [--profile ours-ce]
+    .venv/bin/python bench/bench_trainer.py [--rows 24] [--batch 4] [--repeat 3] [--profile ours-ce]
 """
 import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import runpy
 import subprocess
 import sys
@@ -106,8 +108,9 @@ def main():
     p.add_argument("--pack-length", type=int, default=1024)
     p.add_argument("--pack-iters", type=int, default=4)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--repeat", type=int, default=1, help="rounds of all cases; the table shows each case's median")
     p.add_argument("--profile", choices=CASES)
-    p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "zero1_fp32.json"), help="ours-* cases")
+    p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "zero0_fp32.json"), help="ours-* cases")
     p.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # the wrapper process of one case
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -130,19 +133,25 @@ def main():
         if a.profile:
             subprocess.run([sys.executable, __file__, "--one", a.profile, "--profile", a.profile, *common], cwd=ROOT)
             return
-        results = {}
-        print("| case | tokens/s | x hf | threads |")
-        print("|---|---|---|---|")
-        for case in a.cases:
-            out = subprocess.run([sys.executable, __file__, "--one", case, *common], cwd=ROOT, capture_output=True,
-                                 text=True)
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not lines:
-                sys.exit(f"{case} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-            r = results[case] = json.loads(lines[-1][7:])
-            rate = r["tokens"] / r["seconds"]
-            hf = results["hf"]["tokens"] / results["hf"]["seconds"] if "hf" in results else float("nan")
-            print(f"| {case} | {rate:.1f} | {rate / hf:.2f} | {r['threads']} |", flush=True)
+        rates, threads = {case: [] for case in a.cases}, {}
+        for round_ in range(a.repeat):  # the cases in turn, so that a slow spell hits one round of each
+            for case in a.cases:
+                out = subprocess.run([sys.executable, __file__, "--one", case, *common], cwd=ROOT,
+                                     capture_output=True, text=True)
+                lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    sys.exit(f"{case} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+                r = json.loads(lines[-1][7:])
+                rates[case].append(r["tokens"] / r["seconds"])
+                threads[case] = r["threads"]
+                print(f"round {round_ + 1} {case}: {rates[case][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
+        median = {case: statistics.median(v) for case, v in rates.items()}
+        hf = median.get("hf", float("nan"))
+        print("| case | tokens/s (median) | x hf | rounds | threads |")
+        print("|---|---|---|---|---|")
+        for case, rate in median.items():
+            print(f"| {case} | {rate:.1f} | {rate / hf:.2f} | {' / '.join(f'{x:.1f}' for x in rates[case])} "
+                  f"| {threads[case]} |")
 
 
 if __name__ == "__main__":
