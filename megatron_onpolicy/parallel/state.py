@@ -39,11 +39,25 @@ def init_distributed() -> None:
     _share_cpu_cores()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    _unlink_shm_workspace()
     if torch.cuda.is_available():
         # DeepSpeed's engine and PipelineModule take LOCAL_RANK as the device ordinal: make it one.
         ordinal = local_device(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
         os.environ["LOCAL_RANK"] = str(ordinal)
         torch.cuda.set_device(ordinal)
+
+
+def _unlink_shm_workspace() -> None:
+    """DeepSpeed's CPU all-reduce for ranks all on one host gives every rank a 67 MB workspace in
+    /dev/shm (its shm_comm op) and never removes it, so each CPU job would leave its ranks'
+    workspaces in RAM for good. Every rank maps all the others' within init_distributed; after a
+    barrier each removes the name of its own, and the mappings live on until the process ends."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")  # csrc/cpu/comm/shm.cpp's naming
+    if not torch.cuda.is_available():  # (the same on every rank: all or none pass the barrier)
+        dist.barrier()
+        if os.path.exists(name):
+            os.unlink(name)
 
 
 def local_device(local_rank: int, visible: int) -> int:
