@@ -19,8 +19,8 @@ import argparse
 import cProfile
 import json
 import pstats
-import statistics
 import runpy
+import statistics
 import subprocess
 import sys
 import tempfile
