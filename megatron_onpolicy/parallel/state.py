@@ -52,12 +52,13 @@ def _unlink_shm_workspace() -> None:
     /dev/shm (its shm_comm op) and never removes it, so each CPU job would leave its ranks'
     workspaces in RAM for good. Every rank maps all the others' within init_distributed; after a
     barrier each removes the name of its own, and the mappings live on until the process ends."""
+    if torch.cuda.is_available():  # (the same on every rank: all or none pass the barrier)
+        return
+    dist.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")  # csrc/cpu/comm/shm.cpp's naming
-    if not torch.cuda.is_available():  # (the same on every rank: all or none pass the barrier)
-        dist.barrier()
-        if os.path.exists(name):
-            os.unlink(name)
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def local_device(local_rank: int, visible: int) -> int:
