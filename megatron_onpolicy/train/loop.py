@@ -4,6 +4,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .. import cli, preempt
@@ -82,8 +83,13 @@ def train(args) -> None:
         loss_fn.denom = counts["loss_tokens"] / (gas * dp)
         loss_fn.lam = idft_lambda((iteration - 1) / total, args.idft_warmup_ratio, args.idft_transition_ratio)
         lr = engine.get_lr()[0]
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         train_step(engine, micro)
+        if gpu:  # kernels run behind the host: the iteration ends when the device is done
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         record, phi, gamma = None, cat(loss_fn.phi), cat(loss_fn.gamma)  # before validation resets them
         if is_last_stage():
@@ -92,7 +98,8 @@ def train(args) -> None:
                       "grad_norm": None if grad_norm is None else float(grad_norm), "lam": loss_fn.lam,
                       **counts, "tokens_per_s": counts["tokens"] / seconds,
                       # the data position: samples (packed rows with --pack) of the epoch consumed
-                      **batches.where(position)}
+                      **batches.where(position),
+                      **({"mem_peak_gb": torch.cuda.max_memory_allocated() / 1e9} if gpu else {})}
         if valid and (iteration == total or _due(iteration, args.eval_interval)):
             evaluated = validate(engine, loss_fn, valid)
             if record is not None:
