@@ -1,0 +1,140 @@
+"""The GPU path against the CPU and the dense references, where a CUDA device is (skipped
+elsewhere, so CI, which has none, skips it; run it with `pytest tests/test_gpu.py` on a GPU
+machine): the fused loss on realistic shapes in fp32 and bf16, the packed model against
+transformers, KV-cached and hinted generation, and training steps launched as users launch them
+(deepspeed, NCCL) whose updated weights must equal the dense single-process step's."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
+from megatron_onpolicy.model.loader import load_model
+from tests.test_attention import CUTS, SEG, mask_path
+from tests.test_fused_loss import run_path
+from tests.test_generate import IdTokenizer, prompts_of, save_tiny
+from tests.test_model import VOCAB, make_hf_model
+from tests.test_train_step import EPS, ROWS, dense_step, setup  # noqa: F401 (setup: a fixture)
+from tests.train_utils import ROOT, launch, read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = torch.device("cuda")
+
+
+def fused_case(n, vocab, dim, seed=0):
+    """h [n, dim] and W [vocab, dim] at the scale of a real head (logits of a few units)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * 3 / dim ** 0.5
+    mask = (torch.rand(n, generator=g) < 0.8).float()
+    targets = torch.randint(0, vocab, (n,), generator=g).masked_fill(mask == 0, -100)
+    return hidden, weight, targets, mask
+
+
+@pytest.mark.parametrize("kind", ["ce", "idft"])
+def test_fused_loss_on_gpu_equals_unfused_on_cpu(kind):
+    """fp32 on the GPU, several chunks (the last ragged), against the unfused path on the CPU. The
+    gradients are sums over the 49152 logits of a row taken in another order (GPU reductions):
+    2e-5 of the largest entry, about sqrt(V) fp32 roundings (an H100 gave 1.14e-5 on one entry)."""
+    hidden, weight, targets, mask = fused_case(1000, 49152, 576)
+    ref = run_path(False, hidden, weight, targets, mask, kind, 1.0, None, 49152)
+    got = run_path(True, *(t.to(GPU) for t in (hidden, weight, targets, mask)), kind, 1.0, None, 49152, chunk=384)
+    torch.testing.assert_close(got[0].cpu(), ref[0], rtol=1e-5, atol=0)
+    for i, what in ((2, "hidden"), (3, "weight")):
+        scale = float(ref[i].abs().max())
+        torch.testing.assert_close(got[i].cpu(), ref[i], rtol=0, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
+    keep = mask.bool()
+    for name in ("logp", "entropy", "phi", "var"):
+        sel = keep if name in ("logp", "phi") else slice(None)
+        torch.testing.assert_close(getattr(got[1], name)[sel].cpu(), getattr(ref[1], name)[sel], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_bf16_on_gpu_is_within_bf16_rounding():
+    """bf16 h and W with fp32 accumulation: the loss and both gradients one bf16 rounding (2^-8
+    relative, plus the sums' order) from fp32 arithmetic on the same bf16 values."""
+    hidden, weight, targets, mask = (t.to(GPU) for t in fused_case(1000, 151936, 896, seed=1))
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ref = run_path(True, hidden.float(), weight.float(), targets, mask, "idft", 1.0, None, 151936, chunk=384)
+    got = run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, 151936, chunk=384)
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    for i in (2, 3):
+        torch.testing.assert_close(got[i].float(), ref[i], rtol=2 ** -7, atol=2 ** -7 * float(ref[i].abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
+def test_packed_model_on_gpu_equals_transformers(tmp_path, kind):
+    """Each packed document's logits on the GPU equal transformers' on that document alone (CPU);
+    the parameter gradients of the span path equal those through boolean masks, on the GPU."""
+    hf = make_hf_model(kind, tmp_path)
+    model, _ = load_model(str(tmp_path), device=GPU)
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, SEG.shape)
+    pos = torch.tensor([[i - s for s, e in zip(c, c[1:]) for i in range(s, e)] for c in CUTS])
+    ids, pos, seg = ids.to(GPU), pos.to(GPU), SEG.to(GPU)
+    logits = model(ids, pos, segment_ids=seg)
+    for b, cuts in enumerate(CUTS):
+        for s, e in zip(cuts, cuts[1:]):
+            with torch.no_grad():
+                theirs = hf(ids[b:b + 1, s:e].cpu()).logits[0]
+            torch.testing.assert_close(logits[b, s:e, :VOCAB].cpu(), theirs, rtol=0, atol=1e-4)
+    weight = torch.randn_like(logits)
+    grads = []
+    for masks in (None, [mask_path(SEG, w).to(GPU) for w in model.cfg.windows]):
+        model.zero_grad()
+        (model(ids, pos, segment_ids=seg, masks=masks) * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_generation_on_gpu_equals_cpu(tmp_path):
+    """Greedy batched generation (left padding, KV cache) and greedy hinted decoding give the CPU's
+    tokens; sampled generation runs on the device's generator."""
+    save_tiny("llama-tied", tmp_path, 0.3)
+    models = {dev: load_model(str(tmp_path), device=dev)[0] for dev in ("cpu", GPU)}
+    prompts, hints = prompts_of([2, 40, 7]), prompts_of([30, 9, 17], seed=1)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12, eos_ids=())
+    tokens = {dev: [g.tokens for g in generate(m, prompts, greedy)] for dev, m in models.items()}
+    assert tokens["cpu"] == tokens[GPU]
+    hinted = {dev: [r.tokens for r in hinted_generate(m, IdTokenizer(), hints, prompts, greedy, HintConfig())]
+              for dev, m in models.items()}
+    assert hinted["cpu"] == hinted[GPU]
+    sampled = generate(models[GPU], prompts, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12,
+                                                            eos_ids=(), seed=3))
+    assert [len(g.tokens) for g in sampled] == [12] * 3
+
+
+# name: (loss, fused, tied, DeepSpeed config)
+GPU_RUNS = {"idft-fused-zero0": ("idft", True, True, "zero0_fp32"),
+            "ce-unfused-untied-zero1": ("ce", False, False, "zero1_fp32"),
+            "idft-fused-bf16": ("idft", True, True, "zero1_bf16")}
+
+
+@pytest.mark.parametrize("name", GPU_RUNS)
+def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
+    """`torchrun --nproc_per_node 1 launch/pretrain_idft.py` (NCCL): fp32 runs move every weight as the
+    dense single-process step does (tests/test_train_step.py); the bf16 run reports the dense
+    loss to bf16 accuracy. Every record carries the iteration's peak GPU memory."""
+    kind, fused, tied, config = GPU_RUNS[name]
+    ref, ref_loss, lr = dense_step(setup.models[tied], setup.train, kind)
+    out = setup.tmp / f"gpu-{name}"
+    result = launch(1, "--model", setup.models[tied], "--train-data", setup.train, "--seq-length", 256,
+                    "--micro-batch-size", 2, "--global-batch-size", ROWS, "--train-iters", 1,
+                    "--loss", kind, *(() if fused else ("--no-fused-loss",)),
+                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9, "--lr-decay-style", "constant",
+                    "--save", out, "--export-hf", out / "hf", "--deepspeed_config", ROOT / "ds_configs" / f"{config}.json",
+                    runner="torchrun")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    metrics = read_metrics(out)[0]
+    assert metrics["mem_peak_gb"] > 0
+    if config.endswith("bf16"):
+        assert metrics["loss"] == pytest.approx(ref_loss, rel=2e-2)
+        return
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    trained = {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    start = load_file(setup.models[tied] / "model.safetensors")
+    for key in trained:
+        moved, expected = trained[key] - start[key], ref[key] - start[key]
+        scale = float(expected.abs().max())
+        assert scale > 1e-3 * float(start[key].abs().max()), (name, key, scale)
+        torch.testing.assert_close(moved, expected, rtol=0, atol=2e-3 * scale, msg=lambda m: f"{name} {key}: {m}")
