@@ -7,9 +7,12 @@
   spans        model/attention.py: one is_causal SDPA call per sample
   mask-window  the mask path with a sliding window (--window) inside the samples as well
   spans-window model/attention.py: samples longer than the window in query blocks with a band mask
+  flex, flex-window   (GPU only, the default there) torch.nn.attention.flex_attention, compiled, with a
+               block mask of document + causal (+ window): the public reference for packed rows
 
 Building the mask or the spans from the segment ids is timed, as each forward does it. Prints
-the best wall time of --repeat runs, the peak RSS above the RSS once q, k, v exist, and ratios.
+the best wall time of --repeat runs, the peak memory above that once q, k, v exist (CPU: RSS;
+GPU: torch.cuda.max_memory_allocated, --dtype there too) and ratios.
 
     .venv/bin/python bench/bench_attention.py [--length 4096] [--samples 8] [--window 256]
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from megatron_onpolicy.model.attention import attend, packed_spans  # noqa: E402
 from cases import case_in_subprocess  # noqa: E402 (bench/cases.py)
 
-CASES = ("causal", "mask", "spans", "mask-window", "spans-window")
+CASES = ("causal", "mask", "spans", "mask-window", "spans-window", "flex", "flex-window")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 
@@ -60,32 +63,59 @@ def mask_path(seg, window):
     return (mask & (idx[None, :] > idx[:, None] - window) if window is not None else mask).unsqueeze(1)
 
 
-def run_case(case, length, samples, window, repeat, threads):
+def run_case(case, length, samples, window, repeat, threads, dtype):
     torch.set_num_threads(threads)
+    gpu = torch.cuda.is_available()
+    dev, dt = ("cuda" if gpu else "cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     lengths = sample_lengths(length, samples)
-    seg = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])[None]
+    seg = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])[None].to(dev)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, HEADS, length, HEAD_DIM, generator=g).requires_grad_()
-    k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
+    q = torch.randn(1, HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_()
+    k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_() for _ in range(2))
     w = window if case.endswith("window") else None
-    with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    base = _status_kb("VmRSS") * 1024
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS") * 1024
+    flex = _flex(seg, w) if case.startswith("flex") else None
     times = []
-    for _ in range(repeat):
+    for _ in range(repeat + gpu):  # the first on a GPU is a warm-up (kernel selection)
         start = time.perf_counter()
         if case == "causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif flex:
+            out = flex(q, k, v)
         elif case.startswith("mask"):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_path(seg, w), enable_gqa=True)
         else:
             out = attend(q, k, v, packed_spans(seg).with_window(w), gqa=True)
         out.sum().backward()
+        if gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         q.grad = k.grad = v.grad = None
         del out
-    peak = _status_kb("VmHWM") * 1024 - base
-    return {"seconds": min(times), "peak_gb": peak / 1e9, "lengths": lengths}
+    peak = (torch.cuda.max_memory_allocated() if gpu else _status_kb("VmHWM") * 1024) - base
+    return {"seconds": min(times[-repeat:]), "peak_gb": peak / 1e9, "lengths": lengths,
+            "device": torch.cuda.get_device_name() if gpu else f"{threads} threads"}
+
+
+def _flex(seg, window):
+    """flex_attention, compiled, with the row's block mask, built once outside the timed runs (unlike
+    the mask and the spans, built in each)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, ki):
+        keep = (qi >= ki) & (seg[b, qi] == seg[b, ki])
+        return keep & (qi - ki < window) if window is not None else keep
+
+    block_mask = create_block_mask(mask_mod, 1, None, seg.shape[1], seg.shape[1], device=seg.device)
+    attend_flex = torch.compile(flex_attention)
+    return lambda q, k, v: attend_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def _status_kb(field):
@@ -96,19 +126,22 @@ def _status_kb(field):
 
 
 def attention_table(args):
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, one packed row of {args.length} tokens, "
-          f"{args.samples} samples, window {args.window}, best of {args.repeat}, one process per case")
     res = {}
     for case in args.cases:
         r = case_in_subprocess(__file__, case, ["--case", case, "--length", args.length, "--samples", args.samples,
-                                      "--window", args.window, "--repeat", args.repeat, "--threads", args.threads])
+                                                "--window", args.window, "--repeat", args.repeat,
+                                                "--threads", args.threads, "--dtype", args.dtype])
         if r is not None:
             res[case] = r
-    print(f"sample lengths {next(iter(res.values()))['lengths']}")
+    first = next(iter(res.values()))
+    print(f"torch {torch.__version__}, {first['device']}, {args.dtype}, one packed row of {args.length} tokens, "
+          f"{args.samples} samples, window {args.window}, best of {args.repeat}, one process per case")
+    print(f"sample lengths {first['lengths']}")
     print(f"  {'case':13s} {'time s':>8s} {'peak GB':>8s}")
     for case, r in res.items():
         print(f"  {case:13s} {r['seconds']:8.3f} {r['peak_gb']:8.3f}")
-    for new, old in (("spans", "mask"), ("spans-window", "mask-window")):
+    for new, old in (("spans", "mask"), ("spans-window", "mask-window"), ("spans", "flex"),
+                     ("spans-window", "flex-window")):
         if new in res and old in res:
             print(f"  {old} / {new}: time {res[old]['seconds'] / res[new]['seconds']:.2f}x, "
                   f"peak memory {res[old]['peak_gb'] / max(res[new]['peak_gb'], 1e-3):.1f}x")
@@ -228,8 +261,10 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--cases", nargs="+", choices=CASES,
+                   default=list(CASES if torch.cuda.is_available() else CASES[:-2]))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of q, k, v (the attention table)")
     p.add_argument("--train", type=int, nargs="+", metavar="SEQ", help="seq lengths of --pack training runs instead")
     p.add_argument("--saved", type=int, nargs="+", metavar="SEQ", help="saved-activation table instead")
     p.add_argument("--tree", help="with --train: the checkout whose launch/pretrain_idft.py runs (default: this one)")
@@ -237,7 +272,8 @@ def main():
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.length, args.samples, args.window, args.repeat, args.threads)))
+        print(json.dumps(run_case(args.case, args.length, args.samples, args.window, args.repeat, args.threads,
+                                  args.dtype)))
     elif args.phases:
         run_phases(args.phases, args.tree, args.threads)
     elif args.train:

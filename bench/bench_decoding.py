@@ -14,7 +14,9 @@ loop runs --naive-tokens tokens only: without a cache each step costs a forward 
 sequence, so its tokens/s at 256 tokens would be lower still than the one measured.
 
     .venv/bin/python bench/bench_decoding.py [--new-tokens 256] [--naive-tokens 16] [--batches 1 8 32] \
-        [--naive-examples 2] [--threads T]"""
+        [--naive-examples 2] [--threads T] [--dtype fp32|bf16]
+
+On a machine with a GPU everything runs there (cli.device())."""
 import argparse
 import json
 import math
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_onpolicy.cli import device  # noqa: E402
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate  # noqa: E402
 from megatron_onpolicy.generate.hinted import hinted_generate, lam_schedule  # noqa: E402
 from megatron_onpolicy.generate.sampling import sample  # noqa: E402
@@ -38,11 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @torch.no_grad()
 def naive_hinted(hf, hinted, plain, new_tokens, params, hint, generator):
     """The reference loop for one example: no cache, two full forwards per token."""
-    out = []
+    out, dev = [], hf.device
     for step in range(new_tokens):
-        lh, lp = (hf(torch.tensor([prompt + out])).logits[0, -1].float().log_softmax(-1) for prompt in (hinted, plain))
+        lh, lp = (hf(torch.tensor([prompt + out], device=dev)).logits[0, -1].float().log_softmax(-1)
+                  for prompt in (hinted, plain))
         entropy = -(lh.exp() * lh).sum()
-        lam = torch.zeros(()) if step == 0 else lam_schedule(entropy / math.log(lh.numel()), hint)
+        lam = torch.zeros((), device=dev) if step == 0 else lam_schedule(entropy / math.log(lh.numel()), hint)
         mixed = ((1 - lam) * lh + lam * lp).log_softmax(-1)
         out.append(int(sample(mixed[None], params.temperature, params.top_p, generator=generator)[0]))
     return out
@@ -61,15 +65,17 @@ def main():
     p.add_argument("--naive-examples", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of the weights (both models)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    model, folder = load_model("smollm2-135m")
+    dtype, dev = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], device()
+    model, folder = load_model("smollm2-135m", dtype=dtype, device=dev)
     model.eval()
     tokenizer = load_tokenizer(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).eval()
     rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "math_sft.jsonl"))]
     template = load_template(None, "hint")
     hinted = [hinted_prompt_ids(tokenizer, template, r["prompt"], r["response"]) for r in rows]
@@ -77,12 +83,13 @@ def main():
     params = SamplingParams(temperature=0.3, top_p=0.95, max_new_tokens=args.new_tokens, eos_ids=(),
                             repeat_count=0, seed=0)
     hint = HintConfig()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompts: hinted "
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}; prompts: hinted "
           f"{sum(map(len, hinted)) / len(hinted):.0f}, plain {sum(map(len, plain)) / len(plain):.0f} tokens on average",
           flush=True)
 
     hinted_generate(model, tokenizer, hinted[:1], plain[:1], SamplingParams(max_new_tokens=4), hint)  # warm-up
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     naive_s = sum(timed(lambda: naive_hinted(hf, hinted[i], plain[i], args.naive_tokens, params, hint, g))[0]
                   for i in range(args.naive_examples))
     naive = args.naive_examples * args.naive_tokens / naive_s

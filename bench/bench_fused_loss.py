@@ -11,9 +11,12 @@
   floor     (e) the three matmuls alone: h @ W^T, then dh = G @ W and dW = G^T @ h
 
 Prints wall time and peak memory (CPU: peak RSS above the RSS once the inputs exist; GPU:
-torch.cuda.max_memory_allocated above the inputs) and the ratios measured side by side.
+torch.cuda.max_memory_allocated above the inputs) and the ratios measured side by side. On a GPU
+the cases run in one process (the allocator's peak is reset per case), each after one untimed
+warm-up, and a case that runs out of memory is reported as not fitting.
 
-    .venv/bin/python bench/bench_fused_loss.py [--tokens 2048 4096] [--vocab 49152 151936] [--dim 576]
+    .venv/bin/python bench/bench_fused_loss.py [--tokens 2048 4096] [--vocab 49152 151936] [--dim 576] \
+        [--dtype fp32|bf16] [--repeat R]
 """
 import argparse
 import json
@@ -44,12 +47,14 @@ def naive(h, w, y, mask, denom, cfg=IDFTConfig()):
     return (weight * ce * mask).sum() / denom
 
 
-def run_case(case, n, v, d, threads):
+def run_case(case, n, v, d, threads, dtype="fp32", repeat=1):
+    """-> the best wall time of `repeat` runs (after a warm-up on a GPU) and the peak memory."""
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator(device=dev).manual_seed(0)
-    h = torch.randn(n, d, device=dev, generator=g).requires_grad_()
-    w = (torch.randn(v, d, device=dev, generator=g) / d ** 0.5).requires_grad_()
+    h = torch.randn(n, d, device=dev, generator=g).to(dt).requires_grad_()
+    w = (torch.randn(v, d, device=dev, generator=g) / d ** 0.5).to(dt).requires_grad_()
     mask = (torch.rand(n, device=dev, generator=g) < 0.9).float()
     y = torch.randint(0, v, (n,), device=dev, generator=g).masked_fill(mask == 0, -100)
     denom = float(mask.sum())
@@ -61,27 +66,45 @@ def run_case(case, n, v, d, threads):
         with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
             f.write("5")
         base = _status_kb("VmRSS") * 1024
-    start = time.perf_counter()
+    times = []
+    for _ in range(repeat + (dev.type == "cuda")):  # the first on a GPU: kernel selection, allocator
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        one_pass(case, h, w, y, mask, denom)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024) - base
+    return {"seconds": min(times[-repeat:]), "peak_gb": peak / 1e9, "device": str(dev)}
+
+
+def one_pass(case, h, w, y, mask, denom):
     if case == "floor":
         with torch.no_grad():
             z = h @ w.t()
-            dh, dw = z @ w, z.t() @ h
-    else:
-        if case == "naive":
-            loss = naive(h, w, y, mask, denom)
-        elif case == "unfused":
-            loss = ddt_loss(F.linear(h, w), y, mask, "idft", denom)[0]
-        elif case in ("fused", "fused-ce"):
-            loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom)[0]
-        elif case == "torch-lce":
-            options = torch.nn.LinearCrossEntropyOptions()  # the chunked path, its own auto settings
-            loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=options) / denom
-        loss.backward()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024) - base
-    return {"seconds": seconds, "peak_gb": peak / 1e9, "device": str(dev)}
+            z @ w, z.t() @ h
+        return
+    if case == "naive":
+        loss = naive(h, w, y, mask, denom)
+    elif case == "unfused":
+        loss = ddt_loss(F.linear(h, w), y, mask, "idft", denom)[0]
+    elif case in ("fused", "fused-ce"):
+        loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom)[0]
+    elif case == "torch-lce":
+        options = torch.nn.LinearCrossEntropyOptions()  # the chunked path, its own auto settings
+        loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=options) / denom
+    loss.backward()
+
+
+def gpu_case(case, n, v, d, dtype, repeat):
+    """One case in this process (GPU): None, after saying so, where it does not fit or fails."""
+    try:
+        return run_case(case, n, v, d, 1, dtype, repeat)
+    except (torch.OutOfMemoryError, AttributeError, RuntimeError) as e:  # AttributeError: no torch-lce
+        print(f"N={n} V={v} D={d} {case}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return None
+    finally:
+        torch.cuda.empty_cache()
 
 
 def _status_kb(field):
@@ -98,20 +121,26 @@ def main():
     p.add_argument("--dim", type=int, nargs="+", default=[576])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of h and W (fp32 accumulation)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of each case; the best is shown")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.tokens[0], args.vocab[0], args.dim[0], args.threads)))
+        print(json.dumps(run_case(args.case, args.tokens[0], args.vocab[0], args.dim[0], args.threads,
+                                  args.dtype, args.repeat)))
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, TP = 1, one process per case")
+    gpu = torch.cuda.is_available()
+    where = torch.cuda.get_device_name() if gpu else f"{args.threads} threads, one process per case"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, TP = 1, best of {args.repeat}")
     for d in args.dim:
         for v in args.vocab:
             for n in args.tokens:
                 res = {}
                 for case in args.cases:
-                    r = case_in_subprocess(__file__, f"N={n} V={v} D={d} {case}",
+                    r = gpu_case(case, n, v, d, args.dtype, args.repeat) if gpu else \
+                        case_in_subprocess(__file__, f"N={n} V={v} D={d} {case}",
                                            ["--case", case, "--tokens", n, "--vocab", v, "--dim", d,
-                                            "--threads", args.threads])
+                                            "--threads", args.threads, "--dtype", args.dtype, "--repeat", args.repeat])
                     if r is not None:
                         res[case] = r
                 print(f"\nN={n} V={v} D={d} ({next(iter(res.values()))['device']})")

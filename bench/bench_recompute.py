@@ -5,8 +5,9 @@
 
 Rows of --seq-length tokens (responses tiled past it, truncated), micro-batch 1, fp32, ZeRO-1,
 the fused loss (so the logits do not dominate). Each case runs in a fresh wrapper process whose
-children's peak RSS is the largest rank's peak RSS; the time is the best of the iterations
-after the first (metrics.jsonl: tokens / tokens_per_s).
+children's peak RSS is the largest rank's peak RSS; on a GPU the peak is metrics.jsonl's
+mem_peak_gb (torch.cuda.max_memory_allocated) instead, and T is at most the GPUs there are. The
+time is the best of the iterations after the first (metrics.jsonl: tokens / tokens_per_s).
 
     .venv/bin/python bench/bench_recompute.py [--seq-length 2048] [--tp 1 3] [--iters 2]
 """
@@ -46,7 +47,8 @@ def run_case(case: str, tp: int, seq_length: int, iters: int, data: Path, out: P
         sys.exit(f"{case} T={tp} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     seconds = min(m["tokens"] / m["tokens_per_s"] for m in metrics[1:] or metrics)
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KB -> GB; the largest rank
+    peak_gb = max(m["mem_peak_gb"] for m in metrics) if "mem_peak_gb" in metrics[0] else \
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KB -> GB; the largest rank
     return {"case": case, "tp": tp, "seconds": seconds, "peak_gb": peak_gb, "tokens": metrics[-1]["tokens"]}
 
 
@@ -65,8 +67,12 @@ def main():
         return
     with tempfile.TemporaryDirectory() as tmp:
         long_rows(Path(tmp) / "train.jsonl", a.seq_length, a.iters)
-        print(f"smollm2-135m, {a.seq_length} tokens a micro-batch, fp32, {os.cpu_count()} cores")
-        print("| T | recompute | s / iteration | x none | peak RSS GB (largest rank) | x none |")
+        import torch
+
+        gpu = torch.cuda.is_available()
+        where = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()} cores"
+        print(f"smollm2-135m, {a.seq_length} tokens a micro-batch, fp32, {where}")
+        print(f"| T | recompute | s / iteration | x none | peak {'GPU memory' if gpu else 'RSS'} GB (largest rank) | x none |")
         print("|---|---|---|---|---|---|")
         for tp in a.tp:
             base = None

@@ -11,7 +11,7 @@
              padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
 
 Tokens are real (not padding) tokens; tokens/s counts the iterations after the first. Also prints
-torch.get_num_threads() inside each case. --profile CASE: cProfile of that case instead.
+torch.get_num_threads() inside each case. On a machine with a GPU every case runs there. --profile CASE: cProfile of that case instead.
 
     .venv/bin/python bench/bench_trainer.py [--rows 24] [--batch 4] [--repeat 3] [--profile ours-ce]
 """
@@ -60,6 +60,7 @@ def run_hf(a, tmp: Path) -> dict:
     import torch.nn.functional as F
     import transformers
 
+    from megatron_onpolicy.cli import device
     from megatron_onpolicy.model.loader import load_arch, load_tokenizer
     from megatron_onpolicy.parallel import state
     from megatron_onpolicy.train.args import parse_args
@@ -70,19 +71,23 @@ def run_hf(a, tmp: Path) -> dict:
     folder, _ = load_arch(args.model)
     parts = load_parts(args.train_data, "--train-data", load_tokenizer(folder), folder, args, False)
     batches = TrainBatches(parts, args, 1, 0, None, 1, a.batch)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    dev = device()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     position, tokens, seconds = batches.start(), 0, 0.0
     for iteration in range(a.rows // a.batch):
         micro, counts, position = batches.next(position)
         t0 = time.perf_counter()
         for (input_ids, _), (targets, mask) in micro:
+            input_ids, targets, mask = input_ids.to(dev), targets.to(dev), mask.to(dev)
             logits = model(input_ids=input_ids).logits
             ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
             ((ce * mask.flatten()).sum() / mask.sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        if dev.type == "cuda":  # as the trainer's timing: until the device is done
+            torch.cuda.synchronize()
         if iteration:
             seconds += time.perf_counter() - t0
             tokens += counts["tokens"]
