@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
+from megatron_onpolicy.model.attention import attend, packed_spans
 from megatron_onpolicy.model.loader import load_model
 from tests.test_attention import CUTS, SEG, mask_path
 from tests.test_fused_loss import run_path
@@ -85,6 +86,32 @@ def test_packed_model_on_gpu_equals_transformers(tmp_path, kind):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fp32_gqa_attention_on_gpu_builds_no_l_by_l_scores(packed):
+    """fp32 GQA attention over one 4k row (whole, or 8 packed samples), forward and backward: the
+    peak stays below a quarter of one [H, L, L] fp32 score tensor, which SDPA's math kernel (where
+    `enable_gqa` alone leads in fp32) builds; outputs and gradients equal the CPU's."""
+    H, Hk, L, D = 9, 3, 4096, 64
+    g = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(1, h, L, D, generator=g).requires_grad_() for h in (H, Hk, Hk)]
+    gpu = [t.detach().to(GPU).requires_grad_() for t in cpu]
+    seg = torch.repeat_interleave(torch.arange(8), 512)[None]
+    how = {"cpu": packed_spans(seg) if packed else None, GPU: packed_spans(seg.to(GPU)) if packed else None}
+    weight = torch.randn(1, H, L, D, generator=g)
+    ref = attend(*cpu, how["cpu"], gqa=True)
+    (ref * weight).sum().backward()
+    weight = weight.to(GPU)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attend(*gpu, how[GPU], gqa=True)
+    (out * weight).sum().backward()
+    assert torch.cuda.max_memory_allocated() - base < H * L * L * 4 / 4
+    torch.testing.assert_close(out.detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_generation_on_gpu_equals_cpu(tmp_path):

@@ -9,7 +9,8 @@ A span is one `is_causal` SDPA call on its part of q, k, v: exact (nothing outsi
 the softmax), the fast kernel, no mask at all. A window longer than its span is plain causality;
 a shorter one runs query blocks of b rows against the keys of the blocks the window reaches
 (b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
-are never expanded for GQA (`enable_gqa`). Rows with the same cut are one batched call.
+are not expanded for GQA (`enable_gqa`), except in fp32 on CUDA (`_sdpa`). Rows with the same cut
+are one batched call.
 flex_attention would do the same with block masks, but on CPU it has no backward in torch 2.13
 and needs torch.compile, so this path is the one that trains everywhere (docs/performance.md)."""
 from dataclasses import dataclass, replace
@@ -63,9 +64,9 @@ def left_padded_spans(pads, width) -> Spans:
 def attend(q, k, v, how, gqa: bool):
     """q [B, H, Lq, D], k / v [B, H_kv, Lk, D] -> [B, H, Lq, D]; `how` as in the module docstring."""
     if how is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return _sdpa(q, k, v, gqa, is_causal=True)
     if isinstance(how, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=how, enable_gqa=gqa)
+        return _sdpa(q, k, v, gqa, attn_mask=how)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
     # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled
@@ -84,7 +85,7 @@ def _causal(q, k, v, window, gqa):
     """Causal attention within one span, within `window` positions back if that is shorter."""
     n = q.shape[2]
     if window is None or window >= n:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return _sdpa(q, k, v, gqa, is_causal=True)
     b = min(window, WINDOW_BLOCK)
     back = -(-(window - 1) // b) * b  # keys before a block: whole blocks, at least window - 1
     # Column j of a block starting at s is key s - back + j: query i sees keys j in (i + back - window, i + back].
@@ -99,5 +100,18 @@ def _causal(q, k, v, window, gqa):
         ks, vs = torch.cat(kb[first:blk + 1], 2), torch.cat(vb[first:blk + 1], 2)
         off = back - (blk - first) * b
         mask = band[:qs.shape[2], off:off + ks.shape[2]]
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa))
+        out.append(_sdpa(qs, ks, vs, gqa, attn_mask=mask))
     return torch.cat(out, 2)
+
+
+def _sdpa(q, k, v, gqa: bool, **kwargs):
+    """SDPA with K/V heads shared by groups of query heads. On CUDA in fp32 no fused kernel takes
+    `enable_gqa` (flash wants 16-bit inputs, the memory-efficient kernel equal head counts), and SDPA
+    falls silently to the math kernel, which builds [B, H, Lq, Lk] (pytorch/pytorch#181528; 2.5 GB
+    for one 4k row of SmolLM2 on an H100, docs/performance.md): there K/V are expanded instead,
+    except for a decode step (Lq = 1), where the math kernel's scores are one row and expanding
+    would copy the whole cache."""
+    if gqa and q.is_cuda and q.dtype == torch.float32 and q.shape[2] > 1 and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
