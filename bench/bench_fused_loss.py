@@ -16,7 +16,7 @@ the cases run in one process (the allocator's peak is reset per case), each afte
 warm-up, and a case that runs out of memory is reported as not fitting.
 
     .venv/bin/python bench/bench_fused_loss.py [--tokens 2048 4096] [--vocab 49152 151936] [--dim 576] \
-        [--dtype fp32|bf16] [--repeat R]
+        [--dtype fp32|bf16] [--repeat R] [--chunk-size C]
 """
 import argparse
 import json
@@ -47,7 +47,7 @@ def naive(h, w, y, mask, denom, cfg=IDFTConfig()):
     return (weight * ce * mask).sum() / denom
 
 
-def run_case(case, n, v, d, threads, dtype="fp32", repeat=1):
+def run_case(case, n, v, d, threads, dtype="fp32", repeat=1, chunk=None):
     """-> the best wall time of `repeat` runs (after a warm-up on a GPU) and the peak memory."""
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +70,7 @@ def run_case(case, n, v, d, threads, dtype="fp32", repeat=1):
     for _ in range(repeat + (dev.type == "cuda")):  # the first on a GPU: kernel selection, allocator
         h.grad = w.grad = None
         start = time.perf_counter()
-        one_pass(case, h, w, y, mask, denom)
+        one_pass(case, h, w, y, mask, denom, chunk)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -78,7 +78,7 @@ def run_case(case, n, v, d, threads, dtype="fp32", repeat=1):
     return {"seconds": min(times[-repeat:]), "peak_gb": peak / 1e9, "device": str(dev)}
 
 
-def one_pass(case, h, w, y, mask, denom):
+def one_pass(case, h, w, y, mask, denom, chunk):
     if case == "floor":
         with torch.no_grad():
             z = h @ w.t()
@@ -89,17 +89,17 @@ def one_pass(case, h, w, y, mask, denom):
     elif case == "unfused":
         loss = ddt_loss(F.linear(h, w), y, mask, "idft", denom)[0]
     elif case in ("fused", "fused-ce"):
-        loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom)[0]
+        loss = fused_ddt_loss(h, w, y, mask, "ce" if case == "fused-ce" else "idft", denom, chunk_size=chunk)[0]
     elif case == "torch-lce":
         options = torch.nn.LinearCrossEntropyOptions()  # the chunked path, its own auto settings
         loss = F.linear_cross_entropy(h, w, y, reduction="sum", options=options) / denom
     loss.backward()
 
 
-def gpu_case(case, n, v, d, dtype, repeat):
+def gpu_case(case, n, v, d, dtype, repeat, chunk):
     """One case in this process (GPU): None, after saying so, where it does not fit or fails."""
     try:
-        return run_case(case, n, v, d, 1, dtype, repeat)
+        return run_case(case, n, v, d, 1, dtype, repeat, chunk)
     except (torch.OutOfMemoryError, AttributeError, RuntimeError) as e:  # AttributeError: no torch-lce
         print(f"N={n} V={v} D={d} {case}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
         return None
@@ -123,24 +123,27 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of h and W (fp32 accumulation)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs of each case; the best is shown")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk of the fused cases (default: ddt/fused.py's rule)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.tokens[0], args.vocab[0], args.dim[0], args.threads,
-                                  args.dtype, args.repeat)))
+                                  args.dtype, args.repeat, args.chunk_size)))
         return
     gpu = torch.cuda.is_available()
     where = torch.cuda.get_device_name() if gpu else f"{args.threads} threads, one process per case"
-    print(f"torch {torch.__version__}, {where}, {args.dtype}, TP = 1, best of {args.repeat}")
+    chunks = f"chunks of {args.chunk_size} tokens" if args.chunk_size else "chunks by ddt/fused.py's rule"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, TP = 1, best of {args.repeat}, {chunks}")
     for d in args.dim:
         for v in args.vocab:
             for n in args.tokens:
                 res = {}
                 for case in args.cases:
-                    r = gpu_case(case, n, v, d, args.dtype, args.repeat) if gpu else \
+                    r = gpu_case(case, n, v, d, args.dtype, args.repeat, args.chunk_size) if gpu else \
                         case_in_subprocess(__file__, f"N={n} V={v} D={d} {case}",
                                            ["--case", case, "--tokens", n, "--vocab", v, "--dim", d,
-                                            "--threads", args.threads, "--dtype", args.dtype, "--repeat", args.repeat])
+                                            "--threads", args.threads, "--dtype", args.dtype, "--repeat", args.repeat,
+                                            *(["--chunk-size", args.chunk_size] if args.chunk_size else [])])
                     if r is not None:
                         res[case] = r
                 print(f"\nN={n} V={v} D={d} ({next(iter(res.values()))['device']})")

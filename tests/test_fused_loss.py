@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_onpolicy.ddt import ddt_loss
-from megatron_onpolicy.ddt.fused import CHUNK_BYTES, chunk_rows, fused_ddt_loss, fused_stats
+from megatron_onpolicy.ddt.fused import CHUNK_BYTES, CHUNK_CAP, chunk_rows, fused_ddt_loss, fused_stats
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
 from tests.dist_utils import run_distributed
@@ -169,8 +169,10 @@ def test_chunk_rows():
     for buffers in (2, 3):
         rows = chunk_rows(49152, 64, buffers=buffers)  # a small shard: CHUNK_BYTES
         assert rows * 49152 * 4 * buffers <= CHUNK_BYTES < (rows + 1) * 49152 * 4 * buffers
-        # A shard bigger than CHUNK_BYTES: the buffers take its fp32 size, about dim / buffers rows.
-        assert chunk_rows(151936, 3584, buffers=buffers) == 3584 // buffers
+        # A shard between CHUNK_BYTES and CHUNK_CAP: the buffers take its fp32 size, dim / buffers rows.
+        assert chunk_rows(49152, 2048, buffers=buffers) == 2048 // buffers
+        rows = chunk_rows(151936, 3584, buffers=buffers)  # a 2.18 GB shard: CHUNK_CAP
+        assert rows * 151936 * 4 * buffers <= CHUNK_CAP < (rows + 1) * 151936 * 4 * buffers
     assert chunk_rows(1 << 40, 1) == 1
 
 

@@ -30,21 +30,24 @@ from torch import Tensor
 from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
-# The [rows, V/TP] fp32 buffers of a chunk loop take at least this many bytes together (two in
-# the statistics pass, one in the two-pass backward, three in the one pass).
+# The [rows, V/TP] fp32 buffers of a chunk loop take at least CHUNK_BYTES and at most CHUNK_CAP
+# bytes together (two in the statistics pass, one in the two-pass backward, three in the one pass).
 CHUNK_BYTES = 128 << 20
+CHUNK_CAP = 1 << 30
 
 
 def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) -> int:
     """Tokens per chunk: chunk_size if given, else as many as `buffers` fp32 buffers of n_cols
-    columns fit in the larger of CHUNK_BYTES and the fp32 size of the weight shard [n_cols, dim].
-    Every chunk reads the shard (and adds to its gradient) once more, so chunks much shorter than
-    dim rows are bound by that memory traffic, not by their matmuls; buffers the size of the
-    shard's fp32 gradient at most double what the loss holds anyway."""
+    columns fit in the fp32 size of the weight shard [n_cols, dim], kept between CHUNK_BYTES and
+    CHUNK_CAP. Every chunk reads the shard (and adds to its gradient) once more, so chunks much
+    shorter than dim rows lean on that memory traffic more than on their matmuls; buffers the size
+    of the shard's fp32 gradient at most double what the loss holds anyway. The cap matters for
+    big shards: at V = 151936, D = 3584 the shard is 2.18 GB, and 588-row chunks (three buffers)
+    still do 2 x 588 flops per weight element read, compute-bound on CPUs and GPUs alike."""
     if chunk_size is not None:
         return chunk_size
     n_cols = max(n_cols, 1)
-    return max(1, max(CHUNK_BYTES, 4 * n_cols * dim) // (4 * buffers * n_cols))
+    return max(1, min(max(CHUNK_BYTES, 4 * n_cols * dim), CHUNK_CAP) // (4 * buffers * n_cols))
 
 
 def _fp32(x: Tensor) -> Tensor:
