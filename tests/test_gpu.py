@@ -2,7 +2,7 @@
 elsewhere, so CI, which has none, skips it; run it with `pytest tests/test_gpu.py` on a GPU
 machine): the fused loss on realistic shapes in fp32 and bf16, the packed model against
 transformers, KV-cached and hinted generation, and training steps launched as users launch them
-(deepspeed, NCCL) whose updated weights must equal the dense single-process step's."""
+(torchrun, NCCL) whose updated weights must equal the dense single-process step's."""
 import pytest
 import torch
 from safetensors.torch import load_file
