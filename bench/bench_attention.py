@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_onpolicy.model.attention import attend, packed_spans  # noqa: E402
-from cases import case_in_subprocess  # noqa: E402 (bench/cases.py)
+from cases import case_in_subprocess, memory_mark, peak_since, status_kb  # noqa: E402 (bench/cases.py)
 
 CASES = ("causal", "mask", "spans", "mask-window", "spans-window", "flex", "flex-window")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -73,14 +73,7 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
     q = torch.randn(1, HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_()
     k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_() for _ in range(2))
     w = window if case.endswith("window") else None
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
-            f.write("5")
-        base = _status_kb("VmRSS") * 1024
+    base = memory_mark()
     flex = _flex(seg, w) if case.startswith("flex") else None
     times = []
     for _ in range(repeat + gpu):  # the first on a GPU is a warm-up (kernel selection)
@@ -99,8 +92,7 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
         times.append(time.perf_counter() - start)
         q.grad = k.grad = v.grad = None
         del out
-    peak = (torch.cuda.max_memory_allocated() if gpu else _status_kb("VmHWM") * 1024) - base
-    return {"seconds": min(times[-repeat:]), "peak_gb": peak / 1e9, "lengths": lengths,
+    return {"seconds": min(times[-repeat:]), "peak_gb": peak_since(base) / 1e9, "lengths": lengths,
             "device": torch.cuda.get_device_name() if gpu else f"{threads} threads"}
 
 
@@ -116,13 +108,6 @@ def _flex(seg, window):
     block_mask = create_block_mask(mask_mod, 1, None, seg.shape[1], seg.shape[1], device=seg.device)
     attend_flex = torch.compile(flex_attention)
     return lambda q, k, v: attend_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-
-
-def _status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def attention_table(args):
@@ -185,7 +170,7 @@ def run_phases(seq, tree, threads):
             phase = "start-up" if f is None else stack[-2] if len(stack) > 1 else "train"
             if phase == "train_step" and len(stack) > 2:
                 phase += ":" + stack[-3]
-            peaks[phase] = max(peaks.get(phase, 0), _status_kb("VmRSS") * 1024 / 1e9)
+            peaks[phase] = max(peaks.get(phase, 0), status_kb("VmRSS") * 1024 / 1e9)
             time.sleep(0.02)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +188,7 @@ def run_phases(seq, tree, threads):
             runpy.run_path(sys.argv[0], run_name="__main__")
         done.set()
         sampler.join()
-    print(json.dumps({"peak": _status_kb("VmHWM") * 1024 / 1e9, **peaks}))
+    print(json.dumps({"peak": status_kb("VmHWM") * 1024 / 1e9, **peaks}))
 
 
 def saved_table(args):

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_onpolicy.ddt import IDFTConfig, ddt_loss, fused_ddt_loss  # noqa: E402
-from cases import case_in_subprocess  # noqa: E402 (bench/cases.py)
+from cases import case_in_subprocess, memory_mark, peak_since  # noqa: E402 (bench/cases.py)
 
 CASES = ("floor", "naive", "unfused", "fused", "fused-ce", "torch-lce")
 
@@ -58,14 +58,7 @@ def run_case(case, n, v, d, threads, dtype="fp32", repeat=1, chunk=None):
     mask = (torch.rand(n, device=dev, generator=g) < 0.9).float()
     y = torch.randint(0, v, (n,), device=dev, generator=g).masked_fill(mask == 0, -100)
     denom = float(mask.sum())
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
-            f.write("5")
-        base = _status_kb("VmRSS") * 1024
+    base = memory_mark()
     times = []
     for _ in range(repeat + (dev.type == "cuda")):  # the first on a GPU: kernel selection, allocator
         h.grad = w.grad = None
@@ -74,8 +67,7 @@ def run_case(case, n, v, d, threads, dtype="fp32", repeat=1, chunk=None):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024) - base
-    return {"seconds": min(times[-repeat:]), "peak_gb": peak / 1e9, "device": str(dev)}
+    return {"seconds": min(times[-repeat:]), "peak_gb": peak_since(base) / 1e9, "device": str(dev)}
 
 
 def one_pass(case, h, w, y, mask, denom, chunk):
@@ -105,13 +97,6 @@ def gpu_case(case, n, v, d, dtype, repeat, chunk):
         return None
     finally:
         torch.cuda.empty_cache()
-
-
-def _status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def main():

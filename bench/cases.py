@@ -1,7 +1,10 @@
-"""Shared by the benches: one case measured in a fresh process, so each peak RSS starts clean."""
+"""Shared by the benches: one case measured in a fresh process, so each peak RSS starts clean, and
+the peak memory of what runs after a mark (CPU: peak RSS; GPU: the caching allocator's peak)."""
 import json
 import subprocess
 import sys
+
+import torch
 
 
 def case_in_subprocess(script: str, label: str, args: list):
@@ -12,3 +15,28 @@ def case_in_subprocess(script: str, label: str, args: list):
         print(f"{label}: failed ({out.stderr.strip().splitlines()[-1:]})")
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in kB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_mark() -> int:
+    """Reset the peak to what is held now, and return that (bytes)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    return status_kb("VmRSS") * 1024
+
+
+def peak_since(mark: int) -> int:
+    """Peak memory above `mark` since memory_mark() returned it (bytes)."""
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else status_kb("VmHWM") * 1024
+    return peak - mark

@@ -77,13 +77,13 @@ def train(args) -> None:
         log = MetricsLog(metrics_folder(args), args.tensorboard_dir, total, start)
     valid = valid_micro_batches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) \
         if valid_data else None
+    gpu = torch.cuda.is_available()
     for iteration in range(start + 1, total + 1):
         micro, counts, position = batches.next(position)
         loss_fn.reset()
         loss_fn.denom = counts["loss_tokens"] / (gas * dp)
         loss_fn.lam = idft_lambda((iteration - 1) / total, args.idft_warmup_ratio, args.idft_transition_ratio)
         lr = engine.get_lr()[0]
-        gpu = torch.cuda.is_available()
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
