@@ -2,13 +2,15 @@
 values, statistics and the gradients of hidden states and weight, at TP = 1 (the one-pass path,
 no group or a group of one rank), 2 and 4 (two passes), with padded vocabularies, masked tokens,
 ragged chunks, tied embeddings, bf16 inputs and a backward with grad_out != 1."""
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_onpolicy.ddt import ddt_loss
+from megatron_onpolicy.ddt import ddt_loss, fused
 from megatron_onpolicy.ddt.fused import CHUNK_BYTES, CHUNK_CAP, chunk_rows, fused_ddt_loss, fused_stats
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
@@ -19,6 +21,9 @@ SHAPE, DIM = (3, 7), 16  # 21 tokens
 CHUNKS = (None, 4, 1)    # one chunk; 6 chunks with a ragged last of 1; one token a chunk
 GRAD_OUT = {4: 2.5}      # d L / d loss of the backward, by chunk (default 1)
 STATS = ("logp", "entropy", "phi", "var")
+# torch's addmm flop formula takes the out_dtype overload's extra argument for its out_shape and
+# raises (pytorch/pytorch#164713); the bf16 path's weight gradient is that overload.
+ADDMM_FLOPS = {torch.ops.aten.addmm: lambda bias, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
 
 
 def make_case(vocab, padded, seed=0):
@@ -50,7 +55,7 @@ def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk
                                                chunk_size=chunk)
         else:
             loss, stats, _, _ = ddt_loss(F.linear(x, w), targets, mask, kind, denom, group, vocab, lam)
-    with count_collectives() as backward, FlopCounterMode(display=False) as flops:
+    with count_collectives() as backward, FlopCounterMode(display=False, custom_mapping=ADDMM_FLOPS) as flops:
         (grad_out * loss).backward()
     return loss.detach(), stats, h.grad, w.grad, forward, backward, flops.get_total_flops()
 
@@ -149,6 +154,65 @@ def check_bf16(vocab, padded, group):
         close(got[2], ref[2], atol=2 ** -7 * float(ref[2].abs().max()), rtol=2 ** -7, what="bf16 hidden grad")
 
 
+@contextlib.contextmanager
+def bf16_into_fp32_on_cpu():
+    """CPU kernels for the two matmuls the bf16 path calls where the device has them (CUDA): `mm`
+    and `addmm` with `out_dtype` fp32, which torch's CPU build lacks. Products of bf16 values are
+    exact in fp32 and summed in fp32, as cuBLAS's fp32 compute does (the order of the sums aside),
+    and CUDA's argument checks are repeated. They let the CPU run that path's own code: bf16
+    operands, the bf16 logit gradient and its buffers, the accumulation. Yields the operand shapes
+    of each call."""
+    calls = []
+
+    def checked(name, a, b, out_dtype, out):
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == out.dtype == torch.float32, name
+        calls.append((name, tuple(a.shape), tuple(b.shape)))
+
+    def mm(a, b, out_dtype, *, out):
+        checked("mm", a, b, out_dtype, out)
+        return torch.mm(a.float(), b.float(), out=out)
+
+    def addmm(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
+        checked("addmm", a, b, out_dtype, out)
+        return torch.addmm(acc, a.float(), b.float(), beta=beta, alpha=alpha, out=out)
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("mm.dtype_out", mm, "CPU")
+    lib.impl("addmm.dtype_out", addmm, "CPU")
+    fused._mm_into_fp32.cache_clear()
+    assert fused._mm_into_fp32("cpu")  # the path's probe finds the kernel
+    calls.clear()
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+        fused._mm_into_fp32.cache_clear()
+
+
+def check_bf16_operands(vocab, padded, group):
+    """Where bf16 matrices multiply into fp32, h and W enter every matmul in bf16 (no fp32 copy of
+    W) and the logit gradient is rounded once to bf16: the loss and statistics are those of fp32
+    arithmetic on the same values, each gradient within two bf16 roundings (2^-8 of the largest
+    entry) of it. Checked at TP = 4 too, where the backward's own pass rebuilds the logits."""
+    tp, rank = tp_info(group)
+    hidden, weight, targets, mask = make_case(vocab, padded, seed=2)
+    hidden, shard = hidden.bfloat16(), weight.chunk(tp)[rank].bfloat16()
+    n_valid = min(max(vocab - rank * shard.shape[0], 0), shard.shape[0])
+    ref = run_path(True, hidden.float(), shard.float(), targets, mask, "idft", 1.0, group, vocab, 4)
+    with bf16_into_fp32_on_cpu() as calls:
+        got = run_path(True, hidden, shard, targets, mask, "idft", 1.0, group, vocab, 4)
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    close(got[0], ref[0], rtol=1e-6, what="bf16 operands loss")
+    close(got[1].entropy, ref[1].entropy, rtol=1e-6, what="bf16 operands entropy")
+    # At TP > 1 copy_to_tp sums the hidden gradient's bf16 partials in bf16: one rounding more.
+    for i, what, bits in ((2, "hidden", 8 - (tp > 1)), (3, "weight", 8)):
+        close(got[i].float(), ref[i], rtol=0, atol=2 ** -bits * float(ref[i].abs().max()), what=f"bf16 operands {what} grad")
+    # Each chunk's (4 rows, the last 1) logits and gradients came from the bf16 kernels, and nothing else.
+    want = {call for k in (4, 1) for call in [("mm", (k, DIM), (DIM, n_valid)), ("mm", (k, n_valid), (n_valid, DIM)),
+                                             ("addmm", (n_valid, k), (k, DIM))]}
+    assert set(calls) == want, set(calls) ^ want
+
+
 def check_frozen_input_and_second_backward():
     """One pass with only one input requiring a gradient gives that one; a second backward through
     the graph is an error, not a gradient scaled twice."""
@@ -180,6 +244,7 @@ def test_single_process():
     check_fused_matches_unfused(37, 40, None)
     check_tied_embedding(37, 37, None)
     check_bf16(37, 40, None)
+    check_bf16_operands(37, 40, None)
     check_frozen_input_and_second_backward()
 
 
@@ -189,6 +254,7 @@ def _tp_worker(rank, world_size):
     check_fused_matches_unfused(5, 8, world)    # shards of 2: one half padding, one all padding
     check_tied_embedding(37, 40, world)
     check_bf16(37, 40, world)
+    check_bf16_operands(37, 40, world)
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # TP=2 twice: group ranks, not global
     check_fused_matches_unfused(37, 40, pairs[rank // 2])
     check_far_shards(pairs[rank // 2])

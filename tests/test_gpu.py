@@ -50,12 +50,22 @@ def test_fused_loss_on_gpu_equals_unfused_on_cpu(kind):
 
 
 def test_fused_loss_bf16_on_gpu_is_within_bf16_rounding():
-    """bf16 h and W with fp32 accumulation: the loss and both gradients one bf16 rounding (2^-8
-    relative, plus the sums' order) from fp32 arithmetic on the same bf16 values."""
-    hidden, weight, targets, mask = (t.to(GPU) for t in fused_case(1000, 151936, 896, seed=1))
+    """bf16 h and W into the tensor cores with fp32 accumulation: the loss and both gradients one
+    bf16 rounding (2^-8 relative, plus the sums' order) from fp32 arithmetic on the same bf16
+    values, and no fp32 copy of W (545 MB here) on top of what the path must hold."""
+    n, vocab, dim, chunk = 1000, 151936, 896, 384
+    hidden, weight, targets, mask = (t.to(GPU) for t in fused_case(n, vocab, dim, seed=1))
     hidden, weight = hidden.bfloat16(), weight.bfloat16()
-    ref = run_path(True, hidden.float(), weight.float(), targets, mask, "idft", 1.0, None, 151936, chunk=384)
-    got = run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, 151936, chunk=384)
+    ref = run_path(True, hidden.float(), weight.float(), targets, mask, "idft", 1.0, None, vocab, chunk=chunk)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, vocab, chunk=chunk)
+    peak = torch.cuda.max_memory_allocated() - base
+    # Three fp32 chunk buffers; per element of h and W, run_path's bf16 clone, the fp32 gradient
+    # and its bf16 copy.
+    held = 3 * chunk * vocab * 4 + (n + vocab) * dim * (2 + 4 + 2)
+    assert peak < held + (64 << 20), (peak, held)
     assert got[2].dtype == got[3].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
     for i in (2, 3):

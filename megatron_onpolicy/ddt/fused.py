@@ -4,6 +4,9 @@ From the final hidden states h [N, D] and this rank's vocab shard of the head we
 the same numbers as `ddt_loss(h @ W^T, ...)` are computed without a [N, V/TP] logits tensor: one
 chunk of tokens at a time, its fp32 logits are built, reduced to per-token partial sums and
 dropped. Logits, statistics and both gradients are accumulated in fp32 whatever the input dtype.
+bf16 h and W stay bf16 where the device multiplies bf16 matrices into fp32 (`out_dtype`: CUDA's
+tensor cores; the logit gradient then goes into the two gradient matmuls rounded once to bf16);
+elsewhere both are upcast to fp32 (W once per pass over the chunks).
 
 TP = 1 with a gradient wanted: one pass. A chunk's partial sums are over the whole vocabulary, so
 its statistics, token weights and logit gradient are known at once; the gradient goes into grad_h
@@ -23,6 +26,8 @@ The backward recomputes each chunk's logits from h and W and the saved logsumexp
 collective: the caller passes h through `copy_to_tp`, whose backward sums h's gradient over TP
 once.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -50,8 +55,31 @@ def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) 
     return max(1, min(max(CHUNK_BYTES, 4 * n_cols * dim), CHUNK_CAP) // (4 * buffers * n_cols))
 
 
-def _fp32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+@functools.cache
+def _mm_into_fp32(device_type: str) -> bool:
+    """Whether torch multiplies bf16 matrices into fp32 on this kind of device (`mm` with
+    `out_dtype`, fp32 accumulation and output). CUDA has the kernel; the CPU has none (torch 2.13)."""
+    x = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+    try:
+        torch.mm(x, x, out_dtype=torch.float32, out=torch.empty(1, 1, device=device_type))
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _operand_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype h and W enter the loop's matmuls in: bf16 where both are and their device
+    multiplies bf16 into fp32, else fp32 (fp16's range is too narrow for the logit gradient)."""
+    if hidden.dtype == weight.dtype == torch.bfloat16 and _mm_into_fp32(weight.device.type):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = a @ b with out fp32, for fp32 or bf16 operands (fp32 accumulation either way)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
 def _chunks(n: int, rows: int):
@@ -66,11 +94,17 @@ def _buffers(count: int, rows: int, n: int, n_cols: int, device) -> list[Tensor]
     return [torch.empty(min(rows, n), n_cols, device=device) for _ in range(count)]
 
 
+def _bf16_in(buf: Tensor) -> Tensor:
+    """A bf16 tensor of buf's shape in the first half of the (contiguous) fp32 buf's bytes: the
+    one pass's third buffer is free once a chunk's partial sums are taken."""
+    return buf.view(torch.bfloat16).view(-1)[:buf.numel()].view(buf.shape)
+
+
 def _chunk_partials(hc: Tensor, w: Tensor, index: Tensor, d_buf: Tensor, e_buf: Tensor, ed_buf: Tensor):
     """(e, m, s0, s1, s2, z_y - m) of one chunk: e = exp(z - m) [rows, V/TP] in e_buf with m the
     chunk's (rank-local) row max, s_k = sum e (z - m)^k. ed_buf is e_buf where e is not needed
     afterwards (e is then overwritten), a third buffer where it is."""
-    d = torch.mm(hc, w.t(), out=d_buf)  # the chunk's fp32 logits
+    d = _mm(hc, w.t(), d_buf)  # the chunk's fp32 logits
     m = d.amax(-1)
     d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
     e = torch.exp(d, out=e_buf)
@@ -96,15 +130,24 @@ def _reshaped(stats: TokenStats, shape) -> TokenStats:
 
 
 def _accumulate_grads(e: Tensor, c: Tensor, s0_y: Tensor, index: Tensor, hc: Tensor, w: Tensor,
-                      grad_h: Tensor, grad_w: Tensor):
+                      grad_h: Tensor, grad_w: Tensor, spare: Tensor = None):
     """Add one chunk's gradient to grad_h (its rows) and grad_w (the real vocab rows), for the logit
-    gradient c * (e_j - s0_y 1[j == y]). The row factor c goes on the [rows, D] side of each matmul
-    and the one-hot term is one scatter into e, so the [rows, V/TP] buffer takes no other pass."""
+    gradient c * (e_j - s0_y 1[j == y]). The one-hot term is one scatter into e. In fp32 the row
+    factor c goes on the [rows, D] side of each matmul, so the [rows, V/TP] buffer takes no other
+    pass; bf16 operands need a bf16 logit gradient, and c goes into that one copy (to spare, a
+    [rows, V/TP] bf16 buffer)."""
     e.scatter_add_(-1, index.unsqueeze(-1), -s0_y.unsqueeze(-1))
+    if w.dtype == torch.float32:
+        if grad_h is not None:
+            torch.mm(e, w, out=grad_h).mul_(c.unsqueeze(-1))
+        if grad_w is not None:
+            grad_w.addmm_(e.t(), hc * c.unsqueeze(-1))
+        return
+    g = torch.mul(e, c.unsqueeze(-1), out=spare)
     if grad_h is not None:
-        torch.mm(e, w, out=grad_h).mul_(c.unsqueeze(-1))
+        _mm(g, w, grad_h)
     if grad_w is not None:
-        grad_w.addmm_(e.t(), hc * c.unsqueeze(-1))
+        torch.addmm(grad_w, g.t(), hc, out_dtype=torch.float32, out=grad_w)
 
 
 @torch.no_grad()
@@ -117,7 +160,8 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
-    w = _fp32(weight[:n_valid])
+    dt = _operand_dtype(h, weight)
+    w = weight[:n_valid].to(dt)
     index, owned = local_target_index(targets.reshape(-1), start, n_valid)
     n = h.shape[0]
     # Rows: the local max m_l and s0, s1, s2, z_y - m_l against it.
@@ -128,7 +172,7 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
         d_buf, e_buf = _buffers(2, rows, n, n_valid, h.device)
         for rs in _chunks(n, rows):
             k = rs.stop - rs.start
-            part[:, rs] = torch.stack(_chunk_partials(_fp32(h[rs]), w, index[rs], d_buf[:k], e_buf[:k],
+            part[:, rs] = torch.stack(_chunk_partials(h[rs].to(dt), w, index[rs], d_buf[:k], e_buf[:k],
                                                       e_buf[:k])[1:])
         del d_buf, e_buf
     m_local, s0, s1, s2, zy = part.unbind(0)
@@ -168,15 +212,18 @@ class _FusedWeightedCE(torch.autograd.Function):
         scale = (grad_out * coef).reshape(-1)  # d loss / d z_j = scale * (p_j - 1[j == y])
         log_z = log_z.reshape(-1)
         index, owned = local_target_index(targets.reshape(-1), start, n_valid)
-        w = _fp32(weight[:n_valid])
+        dt = _operand_dtype(h, weight)
+        w = weight[:n_valid].to(dt)
         grad_h = torch.zeros(h.shape, device=h.device)       # fp32 accumulation of both gradients
         grad_w = torch.zeros(weight.shape, device=h.device)  # padded rows keep a zero gradient
         n = h.shape[0] if n_valid > 0 else 0
         (p_buf,) = _buffers(1, ctx.rows, n, n_valid, h.device)
+        spare = torch.empty_like(p_buf, dtype=dt) if dt == torch.bfloat16 else None
         for rs in _chunks(n, ctx.rows):
-            hc = _fp32(h[rs])
-            p = torch.mm(hc, w.t(), out=p_buf[:rs.stop - rs.start]).sub_(log_z[rs].unsqueeze(-1)).exp_()
-            _accumulate_grads(p, scale[rs], owned[rs].float(), index[rs], hc, w, grad_h[rs], grad_w[:n_valid])
+            k, hc = rs.stop - rs.start, h[rs].to(dt)
+            p = _mm(hc, w.t(), p_buf[:k]).sub_(log_z[rs].unsqueeze(-1)).exp_()
+            _accumulate_grads(p, scale[rs], owned[rs].float(), index[rs], hc, w, grad_h[rs], grad_w[:n_valid],
+                              None if spare is None else spare[:k])
         return (grad_h.to(hidden.dtype).reshape(hidden.shape), grad_w.to(weight.dtype),
                 None, None, None, None, None, None, None)
 
@@ -189,22 +236,25 @@ def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor
     h = hidden.reshape(-1, hidden.shape[-1])
     mask = loss_mask.reshape(-1).float()
     n = h.shape[0]
-    w = _fp32(weight[:n_valid])
+    dt = _operand_dtype(h, weight)
+    w = weight[:n_valid].to(dt)
     index, owned = local_target_index(targets.reshape(-1), 0, n_valid)
     out = torch.empty(9, n, device=h.device)  # the six TokenStats fields, w, gamma, coef
     grad_h = torch.empty(h.shape, device=h.device) if hidden.requires_grad else None  # every row written
     grad_w = torch.zeros(weight.shape, device=h.device) if weight.requires_grad else None  # padding stays 0
     bufs = _buffers(3, rows, n, n_valid, h.device)
     for rs in _chunks(n, rows):
-        hc = _fp32(h[rs])
-        e, m, s0, s1, s2, zy = _chunk_partials(hc, w, index[rs], *(b[:rs.stop - rs.start] for b in bufs))
+        k, hc = rs.stop - rs.start, h[rs].to(dt)
+        d_buf, e_buf, ed_buf = (b[:k] for b in bufs)
+        e, m, s0, s1, s2, zy = _chunk_partials(hc, w, index[rs], d_buf, e_buf, ed_buf)
         stats = _token_stats(m, s0, s1, s2, torch.where(owned[rs], zy, 0.0))
         tw, gamma = weights_of(stats)
         coef = mask[rs] * tw / denom
         out[:, rs] = torch.stack([*vars(stats).values(), tw, gamma, coef])
         # d loss / d z_j = coef * (p_j - 1[j == y]) with p_j = e_j / s0.
         _accumulate_grads(e, coef / s0, s0 * owned[rs], index[rs], hc, w,
-                          None if grad_h is None else grad_h[rs], None if grad_w is None else grad_w[:n_valid])
+                          None if grad_h is None else grad_h[rs], None if grad_w is None else grad_w[:n_valid],
+                          _bf16_in(ed_buf) if dt == torch.bfloat16 else None)
     *fields, tw, gamma, coef = (t.reshape(targets.shape) for t in out)
     return TokenStats(*fields), tw, gamma, coef, (grad_h, grad_w)
 
