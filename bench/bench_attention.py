@@ -4,13 +4,14 @@
 
   causal       SDPA is_causal over the whole row, as if it were one sample (not exact for a packed row)
   mask         today's path before model/attention.py: a boolean [1, 1, L, L] mask from the segment ids
-  spans        model/attention.py: one is_causal SDPA call per sample
+  spans        model/attention.py's CPU path: one is_causal SDPA call per sample
   mask-window  the mask path with a sliding window (--window) inside the samples as well
-  spans-window model/attention.py: samples longer than the window in query blocks with a band mask
-  flex, flex-window   (GPU only, the default there) torch.nn.attention.flex_attention, compiled, with a
-               block mask of document + causal (+ window): the public reference for packed rows
+  spans-window the same: samples longer than the window in query blocks with a band mask
+  flex, flex-window   (GPU only, the default there) model/attention.py's CUDA path: one compiled
+               torch.nn.attention.flex_attention call on a document + causal (+ window) block mask
 
-Building the mask or the spans from the segment ids is timed, as each forward does it. Prints
+Building the mask or the spans from the segment ids is timed, as each forward does it; the block
+mask is cached by the spans (a model builds it once a batch for all its layers). Prints
 the best wall time of --repeat runs, the peak memory above that once q, k, v exist (CPU: RSS;
 GPU: torch.cuda.max_memory_allocated, --dtype there too) and ratios.
 
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,18 +76,16 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
     k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_() for _ in range(2))
     w = window if case.endswith("window") else None
     base = memory_mark()
-    flex = _flex(seg, w) if case.startswith("flex") else None
     times = []
     for _ in range(repeat + gpu):  # the first on a GPU is a warm-up (kernel selection)
         start = time.perf_counter()
         if case == "causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif flex:
-            out = flex(q, k, v)
         elif case.startswith("mask"):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_path(seg, w), enable_gqa=True)
         else:
-            out = attend(q, k, v, packed_spans(seg).with_window(w), gqa=True)
+            spans = packed_spans(seg).with_window(w)
+            out = attend(q, k, v, spans if case.startswith("flex") else replace(spans, flex=False), gqa=True)
         out.sum().backward()
         if gpu:
             torch.cuda.synchronize()
@@ -94,20 +94,6 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
         del out
     return {"seconds": min(times[-repeat:]), "peak_gb": peak_since(base) / 1e9, "lengths": lengths,
             "device": torch.cuda.get_device_name() if gpu else f"{threads} threads"}
-
-
-def _flex(seg, window):
-    """flex_attention, compiled, with the row's block mask, built once outside the timed runs (unlike
-    the mask and the spans, built in each)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def mask_mod(b, h, qi, ki):
-        keep = (qi >= ki) & (seg[b, qi] == seg[b, ki])
-        return keep & (qi - ki < window) if window is not None else keep
-
-    block_mask = create_block_mask(mask_mod, 1, None, seg.shape[1], seg.shape[1], device=seg.device)
-    attend_flex = torch.compile(flex_attention)
-    return lambda q, k, v: attend_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def attention_table(args):

@@ -79,6 +79,26 @@ def test_packed_and_windowed_spans_equal_dense_and_mask_paths(monkeypatch, heads
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("window", [None, 1, 3, 8, 64])
+def test_flex_block_mask_is_the_spans(window):
+    """The block mask CUDA's packed rows use (flex_attention; on the CPU it has no backward, so only
+    the forward runs here, uncompiled): the positions it lets each query see are exactly the
+    reference's, and flex_attention's output on it equals the dense reference, GQA and MHA."""
+    from torch.nn.attention.flex_attention import create_mask, flex_attention
+
+    B, L, D = *SEG.shape, 16
+    spans = packed_spans(SEG).with_window(window)
+    bm = attention.block_mask(spans, B, L, torch.device("cpu"))
+    assert torch.equal(create_mask(bm.mask_mod, B, 1, L, L, device="cpu")[:, 0], allowed(SEG, window))
+    torch.manual_seed(0)
+    for H, Hk in ((4, 2), (4, 4)):
+        q, k, v = (torch.randn(B, h, L, D) for h in (H, Hk, Hk))
+        out = flex_attention(q, k, v, block_mask=bm, enable_gqa=H != Hk)
+        torch.testing.assert_close(out, dense(q, k, v, allowed(SEG, window)), rtol=0, atol=1e-5)
+    assert attention.block_mask(spans, B, L, torch.device("cpu")) is bm  # one per batch and window
+    assert spans.flex and not left_padded_spans([2, 0], 5).flex  # prompts' prefill keeps the spans
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_left_padded_prompts_attend_within_themselves(window):
     torch.manual_seed(1)

@@ -11,8 +11,14 @@ a shorter one runs query blocks of b rows against the keys of the blocks the win
 (b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
 are not expanded for GQA (`enable_gqa`), except in fp32 on CUDA (`_sdpa`). Rows with the same cut
 are one batched call.
-flex_attention would do the same with block masks, but on CPU it has no backward in torch 2.13
-and needs torch.compile, so this path is the one that trains everywhere (docs/performance.md)."""
+On CUDA, packed and windowed rows go instead to one compiled flex_attention call on a document +
+causal (+ window) block mask, built once per batch and window and shared by the layers: per-span
+SDPA calls cost kernel launches that a GPU does not amortize (on an H100 flex took 0.84x the
+spans' time in fp32 and 0.40x in bf16 on a 4k row of 8 samples, docs/performance.md). On the CPU
+flex_attention has no backward (torch 2.13) and needs compiling, so the spans stay the path
+there. A prompt batch's prefill keeps the spans on CUDA too (`flex` off): its width changes with
+every batch, each a new compiled shape, for one call a batch."""
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,15 +32,17 @@ WINDOW_BLOCK = 512
 @dataclass(frozen=True)
 class Spans:
     """groups: ((row_start, row_end, ((start, end, live), ...)), ...): consecutive rows with one
-    cut share a group; a span that is not live (a prompt's left padding) outputs zeros."""
+    cut share a group; a span that is not live (a prompt's left padding) outputs zeros. flex: CUDA
+    may run them as one flex_attention call (all spans live)."""
     groups: tuple
     window: int | None = None
+    flex: bool = True
 
     def with_window(self, window):
         return replace(self, window=window)
 
 
-def _grouped(rows):
+def _grouped(rows, **kwargs):
     """rows: one tuple of (start, end, live) spans per row -> Spans, equal neighbours merged."""
     groups = []
     for r, spans in enumerate(rows):
@@ -42,7 +50,7 @@ def _grouped(rows):
             groups[-1][1] = r + 1
         else:
             groups.append([r, r + 1, spans])
-    return Spans(tuple((a, b, spans) for a, b, spans in groups))
+    return Spans(tuple((a, b, spans) for a, b, spans in groups), **kwargs)
 
 
 def packed_spans(segment_ids) -> Spans:
@@ -58,7 +66,7 @@ def packed_spans(segment_ids) -> Spans:
 def left_padded_spans(pads, width) -> Spans:
     """Spans of left-padded prompts: row r's pads[r] pad positions output zeros (finite values for
     the cache, never attended by a real query), its prompt attends causally."""
-    return _grouped([((0, p, False), (p, width, True)) if p else ((0, width, True),) for p in pads])
+    return _grouped([((0, p, False), (p, width, True)) if p else ((0, width, True),) for p in pads], flex=False)
 
 
 def attend(q, k, v, how, gqa: bool):
@@ -69,6 +77,8 @@ def attend(q, k, v, how, gqa: bool):
         return _sdpa(q, k, v, gqa, attn_mask=how)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
+    if q.is_cuda and how.flex:
+        return _compiled_flex()(q, k, v, block_mask=block_mask(how, q.shape[0], q.shape[2], q.device), enable_gqa=gqa)
     # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled
     # tensor of the whole input (per span, which made the backward O(spans x L)).
     rows = []
@@ -102,6 +112,31 @@ def _causal(q, k, v, window, gqa):
         mask = band[:qs.shape[2], off:off + ks.shape[2]]
         out.append(_sdpa(qs, ks, vs, gqa, attn_mask=mask))
     return torch.cat(out, 2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+@functools.lru_cache(maxsize=8)
+def block_mask(how: Spans, batch: int, length: int, device):
+    """flex_attention's block mask of live spans: a query sees the keys of its own span, causally,
+    within the window. Cached: every layer of a forward (and its recomputation) asks for the same
+    one, and a pipeline stage holds a few micro-batches at once."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # [B, L]: each position's span within its row.
+    doc = torch.cat([torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([e - s for s, e, _ in spans]))
+                     .expand(r1 - r0, -1) for r0, r1, spans in how.groups]).to(device)
+    window = how.window
+
+    def mask_mod(b, h, qi, ki):
+        keep = (qi >= ki) & (doc[b, qi] == doc[b, ki])
+        return keep if window is None else keep & (qi - ki < window)
+
+    return create_block_mask(mask_mod, batch, None, length, length, device=device)
 
 
 def _sdpa(q, k, v, gqa: bool, **kwargs):
