@@ -179,10 +179,10 @@ def bf16_into_fp32_on_cpu():
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("mm.dtype_out", mm, "CPU")
     lib.impl("addmm.dtype_out", addmm, "CPU")
-    fused._mm_into_fp32.cache_clear()
-    assert fused._mm_into_fp32("cpu")  # the path's probe finds the kernel
-    calls.clear()
     try:
+        fused._mm_into_fp32.cache_clear()
+        assert fused._mm_into_fp32("cpu")  # the path's probe finds the kernel
+        calls.clear()
         yield calls
     finally:
         lib._destroy()
