@@ -99,6 +99,29 @@ def test_flex_block_mask_is_the_spans(window):
     assert spans.flex and not left_padded_spans([2, 0], 5).flex  # prompts' prefill keeps the spans
 
 
+def test_flex_compiles_once_for_every_packing():
+    """The compiled flex_attention call sees a new block mask (a new mask_mod closure) every batch:
+    new packings of a row, and of rows of other lengths and counts, must not recompile it, or
+    torch.compile would give up after its cache limit and run flex eagerly (scores of L x L).
+    Dynamo's own frame counter, on a backend that does not generate code (the guards are the same)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import flex_attention
+
+    counter = CompileCounter()
+    compiled = torch.compile(flex_attention, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    frames = []
+    for B, L in [(1, 256)] * 4 + [(1, 384), (1, 500), (2, 500), (3, 1000)]:
+        cuts = sorted(torch.randperm(L - 1, generator=g)[:4].add(1).tolist())
+        seg = torch.tensor([sum(t >= c for c in cuts) for t in range(L)]).expand(B, -1)
+        q, k, v = (torch.randn(B, h, L, 8, generator=g) for h in (4, 2, 2))
+        compiled(q, k, v, block_mask=attention.block_mask(packed_spans(seg), B, L, torch.device("cpu")), enable_gqa=True)
+        frames.append(counter.frame_count)
+    # One graph for the first shape, then one more for each size that changes (it is then dynamic):
+    # the length, then the row count.
+    assert frames == [1] * 4 + [2, 2, 3, 3], frames
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_left_padded_prompts_attend_within_themselves(window):
     torch.manual_seed(1)
