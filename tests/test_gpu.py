@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
+from megatron_onpolicy.model import attention
 from megatron_onpolicy.model.attention import attend, packed_spans
 from megatron_onpolicy.model.loader import load_model
 from tests.test_attention import CUTS, SEG, mask_path
@@ -100,9 +101,9 @@ def test_packed_model_on_gpu_equals_transformers(tmp_path, kind):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_fp32_gqa_attention_on_gpu_builds_no_l_by_l_scores(packed):
-    """fp32 GQA attention over one 4k row (whole, or 8 packed samples), forward and backward: the
-    peak stays below a quarter of one [H, L, L] fp32 score tensor, which SDPA's math kernel (where
-    `enable_gqa` alone leads in fp32) builds; outputs and gradients equal the CPU's."""
+    """fp32 GQA attention over one 4k row (whole, or 8 packed samples: flex_attention), forward and
+    backward: the peak stays below a quarter of one [H, L, L] fp32 score tensor, which SDPA's math
+    kernel (where `enable_gqa` alone leads in fp32) builds; outputs and gradients equal the CPU's."""
     H, Hk, L, D = 9, 3, 4096, 64
     g = torch.Generator().manual_seed(0)
     cpu = [torch.randn(1, h, L, D, generator=g).requires_grad_() for h in (H, Hk, Hk)]
@@ -116,9 +117,11 @@ def test_fp32_gqa_attention_on_gpu_builds_no_l_by_l_scores(packed):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    masks_made = attention.block_mask.cache_info().misses
     out = attend(*gpu, how[GPU], gqa=True)
     (out * weight).sum().backward()
     assert torch.cuda.max_memory_allocated() - base < H * L * L * 4 / 4
+    assert attention.block_mask.cache_info().misses == masks_made + packed  # packed rows: flex_attention
     torch.testing.assert_close(out.detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
