@@ -20,10 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
 
     def forward(self, x):
-        # fp32 statistics, as transformers does, so bf16 runs match it.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # fp32 statistics, as transformers does, so bf16 runs match it. F.rms_norm is transformers'
+        # arithmetic op for op on the CPU (the same bits), and a fused kernel where torch has one.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -46,29 +45,33 @@ class Rotary(nn.Module):
         self.inv_freq = inv_freq.float()
 
     def forward(self, position_ids, dtype):
+        """cos and the signed sin of `apply_rope`, [B, L, 1, D] (one head axis to broadcast), made
+        once per forward for all layers."""
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        freqs = position_ids[..., None, None].float() * self.inv_freq
+        cos, sin = freqs.cos() * self.scaling, freqs.sin() * self.scaling
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, L, H, D]; cos/sin: [B, L, D]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: [B, L, H, D]; cos, sin: Rotary's. transformers' x cos + rotate_half(x) sin, where
+    rotate_half(x) = [-x2, x1] = roll(x) with the first half negated; the sign is in `sin`, and a
+    negation is exact, so the result is the same to the bit in one op fewer a call."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def attention_mask(q_pos, k_pos, window=None, k_valid=None):
-    """Boolean [B, 1, Lq, Lk] mask (True = may attend) from absolute positions, for decode steps
-    (Lq = 1; longer queries take Spans, model/attention.py). k_valid marks real (non-pad) keys."""
+def attention_mask(q_pos, k_pos, window=None, k_valid=None, dtype=None):
+    """[B, 1, Lq, Lk] mask from absolute positions, for decode steps (Lq = 1; longer queries take
+    Spans, model/attention.py): boolean (True = may attend), or with dtype additive (0 / -inf), the
+    form SDPA turns a boolean mask into in every layer. k_valid marks real (non-pad) keys."""
     mask = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
     if k_valid is not None:
         mask &= k_valid[:, None, :]
+    if dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     return mask.unsqueeze(1)
 
 
