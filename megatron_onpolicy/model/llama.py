@@ -92,14 +92,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, L, self.heads, self.head_dim)
-        k = k.view(B, L, self.kv_heads, self.head_dim)
+        qk, v = self.qkv(x).split([(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        qk = qk.view(B, L, self.heads + self.kv_heads, self.head_dim)
         v = v.view(B, L, self.kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = qk.split([self.heads, self.kv_heads], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        # The q and k heads side by side take RoPE in one go: half its ops (a decode step's limit).
+        q, k = apply_rope(qk, cos, sin).split([self.heads, self.kv_heads], dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         if cache is not None:
             k, v = cache.update(k, v)
