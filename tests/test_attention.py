@@ -115,7 +115,8 @@ def test_flex_compiles_once_for_every_packing():
         cuts = sorted(torch.randperm(L - 1, generator=g)[:4].add(1).tolist())
         seg = torch.tensor([sum(t >= c for c in cuts) for t in range(L)]).expand(B, -1)
         q, k, v = (torch.randn(B, h, L, 8, generator=g) for h in (4, 2, 2))
-        compiled(q, k, v, block_mask=attention.block_mask(packed_spans(seg), B, L, torch.device("cpu")), enable_gqa=True)
+        mask = attention.block_mask(packed_spans(seg), B, L, torch.device("cpu"))
+        compiled(q, k, v, block_mask=mask, enable_gqa=True)
         frames.append(counter.frame_count)
     # One graph for the first shape, then one more for each size that changes (it is then dynamic):
     # the length, then the row count.

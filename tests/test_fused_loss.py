@@ -206,7 +206,8 @@ def check_bf16_operands(vocab, padded, group):
     close(got[1].entropy, ref[1].entropy, rtol=1e-6, what="bf16 operands entropy")
     # At TP > 1 copy_to_tp sums the hidden gradient's bf16 partials in bf16: one rounding more.
     for i, what, bits in ((2, "hidden", 8 - (tp > 1)), (3, "weight", 8)):
-        close(got[i].float(), ref[i], rtol=0, atol=2 ** -bits * float(ref[i].abs().max()), what=f"bf16 operands {what} grad")
+        close(got[i].float(), ref[i], rtol=0, atol=2 ** -bits * float(ref[i].abs().max()),
+              what=f"bf16 operands {what} grad")
     # Each chunk's (4 rows, the last 1) logits and gradients came from the bf16 kernels, and nothing else.
     want = {call for k in (4, 1) for call in [("mm", (k, DIM), (DIM, n_valid)), ("mm", (k, n_valid), (n_valid, DIM)),
                                              ("addmm", (n_valid, k), (k, DIM))]}
