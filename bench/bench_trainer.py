@@ -11,7 +11,8 @@
              padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
 
 Tokens are real (not padding) tokens; tokens/s counts the iterations after the first. Also prints
-torch.get_num_threads() inside each case. On a machine with a GPU every case runs there. --profile CASE: cProfile of that case instead.
+torch.get_num_threads() inside each case. On a machine with a GPU every case runs there.
+--profile CASE: cProfile of that case instead.
 
     .venv/bin/python bench/bench_trainer.py [--rows 24] [--batch 4] [--repeat 3] [--profile ours-ce]
 """

@@ -181,7 +181,7 @@ def bf16_into_fp32_on_cpu():
     lib.impl("addmm.dtype_out", addmm, "CPU")
     try:
         fused._mm_into_fp32.cache_clear()
-        assert fused._mm_into_fp32("cpu")  # the path's probe finds the kernel
+        assert fused._mm_into_fp32(torch.device("cpu"))  # the path's probe finds the kernel
         calls.clear()
         yield calls
     finally:

@@ -56,12 +56,12 @@ def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) 
 
 
 @functools.cache
-def _mm_into_fp32(device_type: str) -> bool:
-    """Whether torch multiplies bf16 matrices into fp32 on this kind of device (`mm` with
-    `out_dtype`, fp32 accumulation and output). CUDA has the kernel; the CPU has none (torch 2.13)."""
-    x = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+def _mm_into_fp32(device) -> bool:
+    """Whether torch multiplies bf16 matrices into fp32 on this device (`mm` with `out_dtype`,
+    fp32 accumulation and output). CUDA has the kernel; the CPU has none (torch 2.13)."""
+    x = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
     try:
-        torch.mm(x, x, out_dtype=torch.float32, out=torch.empty(1, 1, device=device_type))
+        torch.mm(x, x, out_dtype=torch.float32, out=torch.empty(1, 1, device=device))
     except (NotImplementedError, RuntimeError, TypeError):
         return False
     return True
@@ -70,7 +70,7 @@ def _mm_into_fp32(device_type: str) -> bool:
 def _operand_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype h and W enter the loop's matmuls in: bf16 where both are and their device
     multiplies bf16 into fp32, else fp32 (fp16's range is too narrow for the logit gradient)."""
-    if hidden.dtype == weight.dtype == torch.bfloat16 and _mm_into_fp32(weight.device.type):
+    if hidden.dtype == weight.dtype == torch.bfloat16 and _mm_into_fp32(weight.device):
         return torch.bfloat16
     return torch.float32
 

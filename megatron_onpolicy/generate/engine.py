@@ -98,7 +98,7 @@ class DecodeState:
         self.key_pos[:, end], self.key_valid[:, end] = pos[:, 0], True
         k_pos, k_valid = self.key_pos[:, :end + 1], self.key_valid[:, :end + 1]
         windows = self.model.cfg.windows
-        by_window = {w: attention_mask(pos, k_pos, w, k_valid, self.caches[0].k.dtype) for w in set(windows)}
+        by_window = {w: attention_mask(pos, k_pos, self.caches[0].k.dtype, w, k_valid) for w in set(windows)}
         return last_position_logits(self.model, tokens[:, None], pos, [by_window[w] for w in windows], self.caches)
 
 

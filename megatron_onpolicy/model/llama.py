@@ -61,18 +61,16 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def attention_mask(q_pos, k_pos, window=None, k_valid=None, dtype=None):
-    """[B, 1, Lq, Lk] mask from absolute positions, for decode steps (Lq = 1; longer queries take
-    Spans, model/attention.py): boolean (True = may attend), or with dtype additive (0 / -inf), the
-    form SDPA turns a boolean mask into in every layer. k_valid marks real (non-pad) keys."""
+def attention_mask(q_pos, k_pos, dtype, window=None, k_valid=None):
+    """Additive [B, 1, Lq, Lk] mask (0: may attend, -inf: may not) in dtype from absolute positions,
+    for decode steps (Lq = 1; longer queries take Spans, model/attention.py): made once a step, it
+    spares every layer's SDPA the conversion of a boolean one. k_valid marks real (non-pad) keys."""
     mask = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
     if k_valid is not None:
         mask &= k_valid[:, None, :]
-    if dtype is not None:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return mask.unsqueeze(1)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
 
 
 class Attention(nn.Module):
