@@ -7,8 +7,9 @@
   spans        model/attention.py's CPU path: one is_causal SDPA call per sample
   mask-window  the mask path with a sliding window (--window) inside the samples as well
   spans-window the same: samples longer than the window in query blocks with a band mask
-  flex, flex-window   (GPU only, the default there) model/attention.py's CUDA path: one compiled
-               torch.nn.attention.flex_attention call on a document + causal (+ window) block mask
+  flex, flex-window   (GPU only) model/attention.py's flex backend (--attention-backend flex): one
+               compiled torch.nn.attention.flex_attention call on a document + causal (+ window)
+               block mask
 
 Building the mask or the spans from the segment ids is timed, as each forward does it; the block
 mask is cached by the spans (a model builds it once a batch for all its layers). Prints
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megatron_onpolicy.model import attention  # noqa: E402
 from megatron_onpolicy.model.attention import attend, packed_spans  # noqa: E402
 from cases import case_in_subprocess, memory_mark, peak_since, status_kb  # noqa: E402 (bench/cases.py)
 
@@ -75,6 +76,7 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
     q = torch.randn(1, HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_()
     k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dev, dt).requires_grad_() for _ in range(2))
     w = window if case.endswith("window") else None
+    attention.set_backend("flex" if case.startswith("flex") else "sdpa")
     base = memory_mark()
     times = []
     for _ in range(repeat + gpu):  # the first on a GPU is a warm-up (kernel selection)
@@ -84,8 +86,7 @@ def run_case(case, length, samples, window, repeat, threads, dtype):
         elif case.startswith("mask"):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_path(seg, w), enable_gqa=True)
         else:
-            spans = packed_spans(seg).with_window(w)
-            out = attend(q, k, v, spans if case.startswith("flex") else replace(spans, flex=False), gqa=True)
+            out = attend(q, k, v, packed_spans(seg).with_window(w), gqa=True)
         out.sum().backward()
         if gpu:
             torch.cuda.synchronize()

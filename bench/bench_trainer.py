@@ -9,6 +9,8 @@
   ours-idft  the same, --loss idft
   ours-pad / ours-pack   --loss idft on variable-length data (responses repeated 1 to 4 times),
              padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
+  ours-pack-flex   ours-pack with --attention-backend flex (GPU: one compiled flex_attention call
+             a layer instead of an SDPA call per sample)
 
 Tokens are real (not padding) tokens; tokens/s counts the iterations after the first. Also prints
 torch.get_num_threads() inside each case. On a machine with a GPU every case runs there.
@@ -31,19 +33,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ENTRY = ROOT / "launch" / "pretrain_idft.py"
-CASES = ("hf", "ours-ce", "ours-idft", "ours-pad", "ours-pack")
+CASES = ("hf", "ours-ce", "ours-idft", "ours-pad", "ours-pack", "ours-pack-flex")
 
 
 def trainer_argv(case: str, a, tmp: Path) -> list:
-    data = tmp / ("var.jsonl" if case in ("ours-pad", "ours-pack") else "train.jsonl")
-    pack = case == "ours-pack"
+    pack = case.startswith("ours-pack")
+    data = tmp / ("var.jsonl" if pack or case == "ours-pad" else "train.jsonl")
     iters = a.pack_iters if pack else a.rows // a.batch
     batch = 1 if pack else a.pad_batch if case == "ours-pad" else a.batch
     return ["--model", "smollm2-135m", "--train-data", str(data), "--seq-length", str(a.pack_length if pack else 2048),
             "--micro-batch-size", str(batch), "--global-batch-size", str(batch), "--train-iters", str(iters),
             "--loss", "ce" if case == "ours-ce" else "idft", "--lr", "1e-5",
             "--tensorboard-dir", str(tmp / case), "--deepspeed_config", a.deepspeed_config,
-            *(["--pack"] if pack else [])]
+            *(["--pack"] if pack else []), *(["--attention-backend", "flex"] if case.endswith("-flex") else [])]
 
 
 def run_ours(case: str, a, tmp: Path) -> dict:
@@ -113,7 +115,8 @@ def main():
     p.add_argument("--pad-batch", type=int, default=2, help="ours-pad: padded rows a batch")
     p.add_argument("--pack-length", type=int, default=1024)
     p.add_argument("--pack-iters", type=int, default=4)
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:-1]),
+                   help="default: all but ours-pack-flex (the same as ours-pack off CUDA)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all cases; the table shows each case's median")
     p.add_argument("--profile", choices=CASES)
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "zero0_fp32.json"), help="ours-* cases")

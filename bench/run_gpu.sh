@@ -2,8 +2,9 @@
 # The GPU checks and benchmarks of docs/performance.md ("On a GPU"), on one GPU:
 #   bash bench/run_gpu.sh [LOG_DIR] [1|2|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
 # Part 1 is the tests and the loss and attention benches, part 2 the trainer, decoding and
-# recomputation benches: about 6 minutes each on an H100 (from the 2026-11-26 run's steps), so
-# that each fits one call where a call may run 10 minutes. Each step has a time limit and a
+# recomputation benches: each at most about 9 minutes on an H100 (the time limits below; the
+# 2026-11-26 runs' steps took less), so that each fits one call where a call may run 10 minutes.
+# The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time limit and a
 # failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log (default: the
 # current folder).
 set -u
@@ -16,24 +17,27 @@ t0=$(date +%s)
 step() { echo; echo "=== [$(($(date +%s) - t0)) s] $*"; }
 
 part1() {
-    step tests; timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30
+    step tests
+    timeout 200 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py 2>&1 | tail -80
     for dtype in fp32 bf16; do
         step fused loss $dtype
-        timeout 150 $PY bench/bench_fused_loss.py --tokens 2048 8192 32768 --vocab 49152 151936 --dim 576 3584 \
+        timeout 90 $PY bench/bench_fused_loss.py --tokens 2048 8192 32768 --vocab 49152 151936 --dim 576 3584 \
             --repeat 2 --dtype $dtype
     done
     for dtype in fp32 bf16; do
         step attention $dtype
-        timeout 120 $PY bench/bench_attention.py --length 4096 --samples 8 --window 256 --repeat 5 --dtype $dtype
+        timeout 100 $PY bench/bench_attention.py --length 4096 --samples 8 --window 256 --repeat 3 --dtype $dtype
     done
 }
 
 part2() {
     step trainer fp32
-    timeout 150 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 --pack-length 2048 --pack-iters 6
+    TORCH_LOGS=recompiles timeout 170 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
+        --pack-length 2048 --pack-iters 12 --cases hf ours-ce ours-idft ours-pad ours-pack ours-pack-flex
     step trainer bf16
-    timeout 150 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 --pack-length 2048 --pack-iters 6 \
-        --cases ours-ce ours-idft ours-pad ours-pack --deepspeed-config ds_configs/zero1_bf16.json
+    TORCH_LOGS=recompiles timeout 170 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
+        --pack-length 2048 --pack-iters 12 --cases ours-ce ours-idft ours-pad ours-pack ours-pack-flex \
+        --deepspeed-config ds_configs/zero1_bf16.json
     step decoding; timeout 100 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 --batches 1 8 32
     step recompute; timeout 100 $PY bench/bench_recompute.py --tp 1 --seq-length 4096 --iters 3
 }

@@ -88,15 +88,46 @@ def test_flex_block_mask_is_the_spans(window):
 
     B, L, D = *SEG.shape, 16
     spans = packed_spans(SEG).with_window(window)
-    bm = attention.block_mask(spans, B, L, torch.device("cpu"))
+    bm = attention.block_mask(spans, L, torch.device("cpu"))
     assert torch.equal(create_mask(bm.mask_mod, B, 1, L, L, device="cpu")[:, 0], allowed(SEG, window))
     torch.manual_seed(0)
     for H, Hk in ((4, 2), (4, 4)):
         q, k, v = (torch.randn(B, h, L, D) for h in (H, Hk, Hk))
         out = flex_attention(q, k, v, block_mask=bm, enable_gqa=H != Hk)
         torch.testing.assert_close(out, dense(q, k, v, allowed(SEG, window)), rtol=0, atol=1e-5)
-    assert attention.block_mask(spans, B, L, torch.device("cpu")) is bm  # one per batch and window
+    assert attention.block_mask(spans, L, torch.device("cpu")) is bm  # one per batch and window
     assert spans.flex and not left_padded_spans([2, 0], 5).flex  # prompts' prefill keeps the spans
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 127, 128, 200, 700])
+def test_flex_block_mask_blocks_equal_create_block_mask(window):
+    """The block mask is built from the spans block by block; torch's create_block_mask finds the
+    blocks by evaluating the mask at every position. Both give the same partial and full blocks
+    (kv and q orders) on random packings of rows that end in a partial block, documents of one
+    token to several blocks, two rows alike (one group), windows within and across blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(3)
+    B, L = 4, 700
+    rows = []
+    for n_cuts in (9, 0, 40, 40):
+        cuts = torch.randperm(L - 1, generator=g)[:n_cuts].add(1)
+        rows.append(torch.zeros(L, dtype=torch.long).index_fill_(0, cuts, 1).cumsum(0))
+    rows[2] = rows[3]
+    seg = torch.stack(rows)
+
+    def visible(b, h, qi, ki):
+        keep = (qi >= ki) & (seg[b, qi] == seg[b, ki])
+        return keep if window is None else keep & (qi - ki < window)
+
+    ours = attention.block_mask(packed_spans(seg).with_window(window), L, torch.device("cpu"))
+    ref = create_block_mask(visible, B, None, L, L, device="cpu")
+    # Full blocks (no mask_mod in the kernel) exist where the window spans two blocks' distance.
+    assert (int(ours.full_kv_num_blocks.sum()) > 0) == (window is None or window >= 2 * 128)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    assert ours.seq_lengths == ref.seq_lengths
 
 
 def test_flex_compiles_once_for_every_packing():
@@ -115,7 +146,7 @@ def test_flex_compiles_once_for_every_packing():
         cuts = sorted(torch.randperm(L - 1, generator=g)[:4].add(1).tolist())
         seg = torch.tensor([sum(t >= c for c in cuts) for t in range(L)]).expand(B, -1)
         q, k, v = (torch.randn(B, h, L, 8, generator=g) for h in (4, 2, 2))
-        mask = attention.block_mask(packed_spans(seg), B, L, torch.device("cpu"))
+        mask = attention.block_mask(packed_spans(seg), L, torch.device("cpu"))
         compiled(q, k, v, block_mask=mask, enable_gqa=True)
         frames.append(counter.frame_count)
     # One graph for the first shape, then one more for each size that changes (it is then dynamic):

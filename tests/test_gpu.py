@@ -73,17 +73,28 @@ def test_fused_loss_bf16_on_gpu_is_within_bf16_rounding():
         torch.testing.assert_close(got[i].float(), ref[i], rtol=2 ** -7, atol=2 ** -7 * float(ref[i].abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
-def test_packed_model_on_gpu_equals_transformers(tmp_path, kind):
+@pytest.fixture(params=attention.BACKENDS)
+def backend(request):
+    attention.set_backend(request.param)
+    yield request.param
+    attention.set_backend("sdpa")
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window", "qwen3"])
+def test_packed_model_on_gpu_equals_transformers(tmp_path, kind, backend):
     """Each packed document's logits on the GPU equal transformers' on that document alone (CPU);
-    the parameter gradients of the span path equal those through boolean masks, on the GPU."""
+    the parameter gradients of the spans (or flex_attention) equal those through boolean masks, on
+    the GPU. flex runs where heads are 16 wide or more (qwen3 here), the spans elsewhere."""
     hf = make_hf_model(kind, tmp_path)
     model, _ = load_model(str(tmp_path), device=GPU)
     torch.manual_seed(2)
     ids = torch.randint(0, VOCAB, SEG.shape)
     pos = torch.tensor([[i - s for s, e in zip(c, c[1:]) for i in range(s, e)] for c in CUTS])
     ids, pos, seg = ids.to(GPU), pos.to(GPU), SEG.to(GPU)
+    masks_made = attention.block_mask.cache_info().misses
     logits = model(ids, pos, segment_ids=seg)
+    flex = backend == "flex" and model.cfg.head_dim >= attention.FLEX_MIN_HEAD_DIM
+    assert attention.block_mask.cache_info().misses == masks_made + flex
     for b, cuts in enumerate(CUTS):
         for s, e in zip(cuts, cuts[1:]):
             with torch.no_grad():
@@ -99,32 +110,35 @@ def test_packed_model_on_gpu_equals_transformers(tmp_path, kind):
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_fp32_gqa_attention_on_gpu_builds_no_l_by_l_scores(packed):
-    """fp32 GQA attention over one 4k row (whole, or 8 packed samples: flex_attention), forward and
-    backward: the peak stays below a quarter of one [H, L, L] fp32 score tensor, which SDPA's math
-    kernel (where `enable_gqa` alone leads in fp32) builds; outputs and gradients equal the CPU's."""
+@pytest.mark.parametrize("how", ["whole", "packed", "packed-window"])
+def test_fp32_gqa_attention_on_gpu_builds_no_l_by_l_scores(how, backend):
+    """fp32 GQA attention over one 4k row (whole, or 8 packed samples, with or without a window of
+    300), forward and backward: the peak stays below a quarter of one [H, L, L] fp32 score tensor,
+    which SDPA's math kernel (where `enable_gqa` alone leads in fp32) builds; outputs and gradients
+    equal the CPU's. Packed rows go to flex_attention with the flex backend."""
     H, Hk, L, D = 9, 3, 4096, 64
     g = torch.Generator().manual_seed(0)
     cpu = [torch.randn(1, h, L, D, generator=g).requires_grad_() for h in (H, Hk, Hk)]
     gpu = [t.detach().to(GPU).requires_grad_() for t in cpu]
     seg = torch.repeat_interleave(torch.arange(8), 512)[None]
-    how = {"cpu": packed_spans(seg) if packed else None, GPU: packed_spans(seg.to(GPU)) if packed else None}
+    window = 300 if how == "packed-window" else None
+    spans = {dev: None if how == "whole" else packed_spans(seg.to(dev)).with_window(window) for dev in ("cpu", GPU)}
     weight = torch.randn(1, H, L, D, generator=g)
-    ref = attend(*cpu, how["cpu"], gqa=True)
+    ref = attend(*cpu, spans["cpu"], gqa=True)
     (ref * weight).sum().backward()
     weight = weight.to(GPU)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     masks_made = attention.block_mask.cache_info().misses
-    out = attend(*gpu, how[GPU], gqa=True)
+    out = attend(*gpu, spans[GPU], gqa=True)
     (out * weight).sum().backward()
-    assert torch.cuda.max_memory_allocated() - base < H * L * L * 4 / 4
-    assert attention.block_mask.cache_info().misses == masks_made + packed  # packed rows: flex_attention
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < H * L * L * 4 / 4, peak
+    assert attention.block_mask.cache_info().misses == masks_made + (how != "whole" and backend == "flex")
     torch.testing.assert_close(out.detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(gpu, cpu):
-        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip("qkv", gpu, cpu):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 def test_generation_on_gpu_equals_cpu(tmp_path):
@@ -162,8 +176,8 @@ def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
                     "--micro-batch-size", 2, "--global-batch-size", ROWS, "--train-iters", 1,
                     "--loss", kind, *(() if fused else ("--no-fused-loss",)),
                     "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9, "--lr-decay-style", "constant",
-                    "--save", out, "--export-hf", out / "hf", "--deepspeed_config", ROOT / "ds_configs" / f"{config}.json",
-                    runner="torchrun")
+                    "--save", out, "--export-hf", out / "hf",
+                    "--deepspeed_config", ROOT / "ds_configs" / f"{config}.json", runner="torchrun")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     metrics = read_metrics(out)[0]
     assert metrics["mem_peak_gb"] > 0

@@ -11,18 +11,35 @@ a shorter one runs query blocks of b rows against the keys of the blocks the win
 (b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
 are not expanded for GQA (`enable_gqa`), except in fp32 on CUDA (`_sdpa`). Rows with the same cut
 are one batched call.
-On CUDA, packed and windowed rows go instead to one compiled flex_attention call on a document +
-causal (+ window) block mask, built once per batch and window and shared by the layers: per-span
-SDPA calls cost kernel launches that a GPU does not amortize (on an H100 flex took 0.84x the
-spans' time in fp32 and 0.40x in bf16 on a 4k row of 8 samples, docs/performance.md). On the CPU
-flex_attention has no backward (torch 2.13) and needs compiling, so the spans stay the path
-there. A prompt batch's prefill keeps the spans on CUDA too (`flex` off): its width changes with
-every batch, each a new compiled shape, for one call a batch."""
+With the `flex` backend (`set_backend`, the trainer's `--attention-backend flex`), CUDA runs
+packed and windowed rows instead as one compiled flex_attention call on a document + causal
+(+ window) block mask, built once per batch and window from the spans (never an L x L mask) and
+shared by the layers: per-span SDPA calls cost kernel launches that a GPU does not amortize (on
+an H100 flex took 0.84x the spans' time in fp32 and 0.40x in bf16 on a 4k row of 8 samples). It
+is not the default: in the trainer on an H100 it was slower than padding (docs/performance.md),
+and it needs a working torch.compile (Triton, a C compiler). The spans stay the path on the CPU
+(flex_attention has no backward there, torch 2.13), for heads under 16 wide (Triton's smallest
+matmul), and for a prompt batch's prefill (`flex` off): its width changes with every batch, each
+a new compiled shape, for one call a batch."""
 import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex")
+_backend = "sdpa"
+FLEX_BLOCK = 128  # flex_attention's (sparse) block size
+FLEX_MIN_HEAD_DIM = 16  # Triton's tl.dot: flex_attention's CUDA kernels need heads at least this wide
+
+
+def set_backend(name: str):
+    """The process's attention backend for Spans: "sdpa" (the spans' SDPA calls) or "flex"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend: one of {BACKENDS}, not {name!r}")
+    _backend = name
+
 
 # Query block of a sliding window shorter than its span: the band mask is at most about
 # WINDOW_BLOCK x (2 WINDOW_BLOCK + window), and each query scores fewer than 2 WINDOW_BLOCK keys it cannot see.
@@ -77,8 +94,8 @@ def attend(q, k, v, how, gqa: bool):
         return _sdpa(q, k, v, gqa, attn_mask=how)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
-    if q.is_cuda and how.flex:
-        return _compiled_flex()(q, k, v, block_mask=block_mask(how, q.shape[0], q.shape[2], q.device), enable_gqa=gqa)
+    if q.is_cuda and how.flex and _backend == "flex" and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
+        return _compiled_flex()(q, k, v, block_mask=block_mask(how, q.shape[2], q.device), enable_gqa=gqa)
     # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled
     # tensor of the whole input (per span, which made the backward O(spans x L)).
     rows = []
@@ -121,22 +138,46 @@ def _compiled_flex():
 
 
 @functools.lru_cache(maxsize=8)
-def block_mask(how: Spans, batch: int, length: int, device):
+def block_mask(how: Spans, length: int, device):
     """flex_attention's block mask of live spans: a query sees the keys of its own span, causally,
-    within the window. Cached: every layer of a forward (and its recomputation) asks for the same
-    one, and a pipeline stage holds a few micro-batches at once."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    within the window. Built from the spans block by block (O((L / 128)^2) a row, where
+    create_block_mask would evaluate the mask at all L x L positions). Cached: every layer of a
+    forward (and its recomputation) asks for the same one, and a pipeline stage holds a few
+    micro-batches at once."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    # [B, L]: each position's span within its row.
-    doc = torch.cat([torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([e - s for s, e, _ in spans]))
-                     .expand(r1 - r0, -1) for r0, r1, spans in how.groups]).to(device)
+    lens = [torch.tensor([e - s for s, e, _ in spans]) for _, _, spans in how.groups]
+    reps = torch.tensor([r1 - r0 for r0, r1, _ in how.groups])
+    # [B, L]: each position's span within its row, and the first key a query there may see.
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(n)), n) for n in lens]).repeat_interleave(reps, 0)
+    lo = torch.stack([torch.repeat_interleave(n.cumsum(0) - n, n) for n in lens]).repeat_interleave(reps, 0)
     window = how.window
+    if window is not None:
+        lo = torch.maximum(lo, torch.arange(length) - window + 1)
+    doc, lo = doc.to(device), lo.to(device)
+
+    # Block i holds positions [start_i, end_i]. The first key a query may see (lo) never decreases
+    # along a row, so a key block j <= i has a visible key iff the query block's first query sees
+    # one, lo[start_i] <= end_j; the pair is full iff both blocks are whole and j < i with
+    # lo[end_i] <= start_j (every query of block i sees every key of block j).
+    start = torch.arange(0, length, FLEX_BLOCK, device=device)
+    end = (start + FLEX_BLOCK - 1).clamp(max=length - 1)
+    whole = end - start == FLEX_BLOCK - 1
+    i, j = torch.arange(len(start), device=device)[:, None], torch.arange(len(start), device=device)[None]
+    some = (j <= i) & (lo[:, start][:, :, None] <= end)
+    full = (j < i) & (lo[:, end][:, :, None] <= start) & whole[:, None] & whole
+
+    def ordered(blocks):  # [B, nb, nb] -> per query block: the count and, first, the kv blocks' indices
+        blocks = blocks[:, None]
+        return (blocks.sum(-1, dtype=torch.int32),
+                torch.argsort(blocks.int(), dim=-1, descending=True, stable=True).int())
 
     def mask_mod(b, h, qi, ki):
         keep = (qi >= ki) & (doc[b, qi] == doc[b, ki])
         return keep if window is None else keep & (qi - ki < window)
 
-    return create_block_mask(mask_mod, batch, None, length, length, device=device)
+    return BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
 
 
 def _sdpa(q, k, v, gqa: bool, **kwargs):

@@ -9,6 +9,7 @@ from .. import cli
 from ..data import DataError
 from ..data.blend import parse_blend
 from ..ddt import LOSS_KINDS, IDFTConfig
+from ..model.attention import BACKENDS
 from .recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, check_recompute_args
 
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
                    help="rows longer than --seq-length: cut from the response end, or left out")
     g.add_argument("--pack", action="store_true", help="pack samples into rows of --seq-length")
+    g.add_argument("--attention-backend", choices=BACKENDS, default="sdpa",
+                   help="packed rows and sliding windows on CUDA: sdpa, causal SDPA calls per span; flex, one "
+                        "compiled flex_attention call on a block mask (needs Triton and a C compiler)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("batches and schedule")
