@@ -14,6 +14,7 @@ import transformers
 
 from megatron_onpolicy.generate import (END_REASONS, HintConfig, SamplingParams, TemplateError, generate,
                                         hinted_generate, is_repeating, lam_schedule, load_template, sample)
+from megatron_onpolicy.generate import sampling
 from megatron_onpolicy.generate.engine import DecodeState
 from megatron_onpolicy.generate.hinted import write_analysis
 from megatron_onpolicy.generate.templates import render
@@ -305,6 +306,50 @@ def test_sampling_limits():
     for _ in range(20):
         picked = sample(logits, 2.0, top_k=3, generator=g)
         assert (top3 == picked[:, None]).any(-1).all()
+
+
+def reference_nucleus(z, top_p):
+    """[B, V] bool: the tokens top-p keeps, found in float64 by sorting each row in full."""
+    z = z.double()
+    order = z.argsort(dim=-1, descending=True)
+    probs = z.gather(-1, order).softmax(dim=-1)
+    keep_sorted = probs.cumsum(dim=-1) - probs < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def test_top_p_keeps_the_nucleus(monkeypatch):
+    """Top-p through the most likely candidates, and the whole-row sort where they fall short (16
+    candidates here, so the flat rows do), keeps exactly the tokens a float64 sort of each row
+    keeps, at their logits; rows from peaked to flat, and rows cut by top-k first."""
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 16)
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-1, 1.5, 48)[:, None]
+    z = torch.randn(48, 1000, generator=g) * scale
+    z[:8] = z[:8].masked_fill(z[:8] < z[:8].topk(10, dim=-1).values[:, -1:], float("-inf"))
+    for top_p in (0.5, 0.9, 0.99):
+        keep = reference_nucleus(z, top_p)
+        sizes = keep.sum(-1)
+        assert (sizes > 16).any() and (sizes <= 16).any()  # both paths
+        got = sampling._top_p(z, top_p)
+        assert torch.equal(got.isfinite(), keep), top_p
+        assert torch.equal(got[keep], z[keep])
+
+
+@pytest.mark.parametrize("candidates", [3, 4])
+def test_sample_draws_the_nucleus_distribution(monkeypatch, candidates):
+    """The race draws each token of the temperature / top-p distribution at its probability: the
+    frequencies of 200 000 draws lie within 5 standard errors, none outside the nucleus (3 tokens
+    of 6 here: with 4 candidates they hold it, with 3 the row is sorted whole)."""
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    p = (logits / 0.7).double().softmax(-1)
+    keep = reference_nucleus(logits[None] / 0.7, 0.9)[0]
+    q = torch.where(keep, p, 0.0) / p[keep].sum()
+    n = 200_000
+    draws = sample(logits.expand(n, -1), 0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert keep.sum() == 3 and (freq[~keep] == 0).all()
+    assert ((freq - q).abs() <= 5 * (q * (1 - q) / n).sqrt()).all(), (freq, q)
 
 
 def test_templates(tmp_path):
