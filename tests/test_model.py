@@ -101,3 +101,13 @@ def test_export_round_trip(hf_models, tmp_path, kind):
     exported = back.state_dict()
     for name, tensor in original.state_dict().items():
         assert torch.equal(exported[name], tensor), name
+
+
+def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
+    from megatron_onpolicy.model.hub import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MEGATRON_ONPOLICY_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "megatron_onpolicy"
+    monkeypatch.setenv("MEGATRON_ONPOLICY_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"

@@ -17,7 +17,9 @@ class ModelPathError(ValueError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MEGATRON_ONPOLICY_CACHE", Path.home() / ".cache" / "megatron_onpolicy"))
+    """$MEGATRON_ONPOLICY_CACHE, or ~/.cache/megatron_onpolicy where it is unset or empty (an empty
+    value once put a converted 540 MB model into the working directory)."""
+    return Path(os.environ.get("MEGATRON_ONPOLICY_CACHE") or Path.home() / ".cache" / "megatron_onpolicy")
 
 
 def _alias_gguf(name: str) -> Path:
