@@ -28,6 +28,9 @@ if not slurm_cluster.installed():
     pytest.skip("SLURM is not installed (make test-slurm installs it)", allow_module_level=True)
 
 ITERS = 10
+# Rows the realignment job works through: enough that it cannot finish between its first written
+# row and the scancel (with 6 rows of the tiny model it once did, and left no shard to resume from).
+REALIGN_ROWS = 64
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def slurm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(rows[:32]))
-    (tmp / "rows.jsonl").write_text("".join(rows[:6]))
+    (tmp / "rows.jsonl").write_text("".join(rows[:REALIGN_ROWS]))
     s = SimpleNamespace(tmp=tmp, model=make_tiny_model(tmp / "tiny", layers=2), train=tmp / "train.jsonl",
                         rows=tmp / "rows.jsonl")
     with slurm_cluster.cluster(tmp / "cluster") as env:
@@ -113,13 +116,14 @@ def test_cancelled_realignment_resubmitted_on_fewer_tasks_writes_every_row_once(
     subprocess.run(["scancel", job], env=s.env, check=True)
     wait_for(lambda: job_state(s, job) == "", "the cancelled job to end", s)
     written = [json.loads(line)["index"] for p in shards.glob("*.part-*") for line in open(p)]
-    assert len(written) == len(set(written)) and 1 <= len(written) < 6, written
+    assert len(written) == len(set(written)) and 1 <= len(written) < REALIGN_ROWS, written
     assert not (out / "realigned.jsonl").exists()
 
     job2 = sbatch(s, "realign.sbatch", 1, *flags, "--out-dir", out)
+    wait_for(lambda: job_state(s, job2) == "", "the resubmitted job to finish", s, timeout=600)
+    # After the job, not beside it: two processes on the 2 cores of CI ran 50x slower a row.
     reference = launch(0, *flags, "--out-dir", s.tmp / "realign-ref", script="tools/realign_distributed.py")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    wait_for(lambda: job_state(s, job2) == "", "the resubmitted job to finish", s, timeout=600)
     log = (s.tmp / f"realign-{job2}.out").read_text()
     assert f"resuming: {len(written)} rows already done" in log, log[-3000:]
     merged = [json.loads(line) for line in open(out / "realigned.jsonl")]
