@@ -4,9 +4,9 @@
 # Part 1 is the tests and the loss and attention benches, part 2 the trainer, decoding and
 # recomputation benches: each at most about 9 minutes on an H100 (the time limits below; the
 # 2026-11-26 runs' steps took less), so that each fits one call where a call may run 10 minutes.
-# The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time limit and a
-# failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log (default: the
-# current folder).
+# The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time
+# limit and a failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log
+# (default: the current folder).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

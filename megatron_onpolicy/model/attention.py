@@ -163,7 +163,8 @@ def block_mask(how: Spans, length: int, device):
     start = torch.arange(0, length, FLEX_BLOCK, device=device)
     end = (start + FLEX_BLOCK - 1).clamp(max=length - 1)
     whole = end - start == FLEX_BLOCK - 1
-    i, j = torch.arange(len(start), device=device)[:, None], torch.arange(len(start), device=device)[None]
+    blocks = torch.arange(len(start), device=device)
+    i, j = blocks[:, None], blocks[None]
     some = (j <= i) & (lo[:, start][:, :, None] <= end)
     full = (j < i) & (lo[:, end][:, :, None] <= start) & whole[:, None] & whole
 
