@@ -1,7 +1,8 @@
 """The fused chunked head + loss (ddt/fused.py) against the unfused path (F.linear, then ddt_loss):
 values, statistics and the gradients of hidden states and weight, at TP = 1 (the one-pass path,
 no group or a group of one rank), 2 and 4 (two passes), with padded vocabularies, masked tokens,
-ragged chunks, tied embeddings, bf16 inputs and a backward with grad_out != 1."""
+ragged chunks, tied embeddings, bf16 inputs and a backward with grad_out != 1; with the compiled
+chunk kernel (the default) and the eager one."""
 import contextlib
 
 import pytest
@@ -241,7 +242,54 @@ def test_chunk_rows():
     assert chunk_rows(1 << 40, 1) == 1
 
 
-def test_single_process():
+@contextlib.contextmanager
+def kernels(name):
+    fused.set_kernels(name)
+    try:
+        yield
+    finally:
+        fused.set_kernels("compiled")
+
+
+def test_compiled_sums_are_fp64_accurate():
+    """The compiled kernel's e within an ulp or two of exp of the fp32 x = d - m, and its sums those
+    of float64 over that e and x, rounded once to fp32; fp32 sums (inductor adds up to 4096 terms a
+    lane in sequence on the CPU) were 1e-5 off at this width."""
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(8, 151936, generator=g) * 3
+    e = torch.empty_like(d)
+    m, *sums = fused._compiled_moments()(d, e)
+    assert torch.equal(m, d.amax(-1))
+    x = (d - m.unsqueeze(-1)).double()
+    close(e, x.exp(), rtol=2 ** -22, atol=0, what="e")
+    for k, got in enumerate(sums):
+        close(got.float(), (e.double() * x ** k).sum(-1), rtol=2 ** -23, atol=0, what=f"s{k}")
+
+
+def test_compiled_kernel_holds_few_graphs():
+    """Chunks of every row count, the ragged last, one row, narrow and wide shards, through the loss
+    and the statistics: the compiled kernel holds at most four graphs (inductor specializes one row
+    and shards under 4097 columns), far from dynamo's recompile limit, past which it would run eager."""
+    torch._dynamo.reset()
+    for vocab, padded, chunk in ((37, 40, None), (37, 40, 4), (37, 40, 1), (5000, 5000, 3), (5000, 5000, 20)):
+        hidden, weight, targets, mask = make_case(vocab, padded)
+        run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, vocab, chunk)
+        fused_stats(hidden, weight, targets, None, vocab, chunk)
+    graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(fused._moments)
+    assert 2 <= len(graphs) <= 4, len(graphs)
+    hidden, weight, targets, mask = make_case(5000, 5000)
+    for chunk in (2, 5, 7, 11, 21):
+        fused_stats(hidden, weight, targets, None, 5000, chunk)
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fused._moments)) == len(graphs)
+
+
+@pytest.mark.parametrize("kernel", fused.KERNELS)
+def test_single_process(kernel):
+    with kernels(kernel):
+        check_single_process()
+
+
+def check_single_process():
     check_fused_matches_unfused(37, 40, None)
     check_tied_embedding(37, 37, None)
     check_bf16(37, 40, None)
@@ -261,6 +309,8 @@ def _tp_worker(rank, world_size):
     check_far_shards(pairs[rank // 2])
     singles = [dist.new_group([r]) for r in range(world_size)]  # the trainer's TP group at T = 1
     check_fused_matches_unfused(37, 40, singles[rank])
+    with kernels("eager"):
+        check_fused_matches_unfused(37, 40, world)
 
 
 def test_tp2_and_tp4():

@@ -23,6 +23,7 @@ from tqdm import tqdm  # noqa: E402
 from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E402
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.ddt import fused  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, row_keys, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import merge_shards, open_shards, read_jsonl, write_json_atomic  # noqa: E402
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="build the head's logits first (default: the head fused with the statistics, chunked)")
     p.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused statistics (default: by memory)")
+    p.add_argument("--fused-loss-kernel", choices=fused.KERNELS, default="compiled",
+                   help="a chunk's softmax sums: one torch.compile'd kernel or eager torch ops")
     p.add_argument("--keep-keys", nargs="*", metavar="KEY",
                    help="input fields each output line carries (default: all; none if given no KEY)")
     add_stream_args(p)
@@ -69,6 +72,7 @@ def kept_fields(row, keep_keys, scores) -> dict:
 
 def main():
     args = parse_args()
+    fused.set_kernels(args.fused_loss_kernel)
     stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     folder, arch = load_arch(args.model)
     cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)

@@ -25,20 +25,38 @@ delta = m_l - m <= 0:
 The backward recomputes each chunk's logits from h and W and the saved logsumexp, and needs no
 collective: the caller passes h through `copy_to_tp`, whose backward sums h's gradient over TP
 once.
+
+A chunk's elementwise work (its row max, e = exp(z - m) and the three sums) is one kernel compiled
+by torch.compile by default (`set_kernels`; inductor: C++ on the CPU, Triton on CUDA): it reads
+the logits twice and writes e once, where eager ops make about eight passes over the [rows, V/TP]
+buffers. "eager" is the same arithmetic in torch ops, without a compiler.
 """
 import functools
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .losses import IDFTConfig, token_weights, true_vocab_size
 from .stats import TokenStats, local_target_index, vocab_shard_range
 
 # The [rows, V/TP] fp32 buffers of a chunk loop take at least CHUNK_BYTES and at most CHUNK_CAP
-# bytes together (two in the statistics pass, one in the two-pass backward, three in the one pass).
+# bytes together (two in the statistics pass, one in the two-pass backward, two in the one pass,
+# three with eager kernels).
 CHUNK_BYTES = 128 << 20
 CHUNK_CAP = 1 << 30
+KERNELS = ("compiled", "eager")
+_kernels = "compiled"
+
+
+def set_kernels(name: str):
+    """How the process computes a chunk's elementwise sums: "compiled" (one torch.compile'd kernel)
+    or "eager" (torch ops; no compiler needed)."""
+    global _kernels
+    if name not in KERNELS:
+        raise ValueError(f"fused loss kernels: one of {KERNELS}, not {name!r}")
+    _kernels = name
 
 
 def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) -> int:
@@ -96,23 +114,57 @@ def _buffers(count: int, rows: int, n: int, n_cols: int, device) -> list[Tensor]
 
 def _bf16_in(buf: Tensor) -> Tensor:
     """A bf16 tensor of buf's shape in the first half of the (contiguous) fp32 buf's bytes: the
-    one pass's third buffer is free once a chunk's partial sums are taken."""
+    one pass's logits buffer is free once a chunk's partial sums are taken."""
     return buf.view(torch.bfloat16).view(-1)[:buf.numel()].view(buf.shape)
 
 
-def _chunk_partials(hc: Tensor, w: Tensor, index: Tensor, d_buf: Tensor, e_buf: Tensor, ed_buf: Tensor):
-    """(e, m, s0, s1, s2, z_y - m) of one chunk: e = exp(z - m) [rows, V/TP] in e_buf with m the
-    chunk's (rank-local) row max, s_k = sum e (z - m)^k. ed_buf is e_buf where e is not needed
-    afterwards (e is then overwritten), a third buffer where it is."""
-    d = _mm(hc, w.t(), d_buf)  # the chunk's fp32 logits
+def _moments(d: Tensor, e_out: Tensor):
+    """(m, s0, s1, s2) of the fp32 logits d [rows, V/TP]: m the row max (rank-local), e = exp(d - m)
+    written to e_out, s_k = sum e (d - m)^k. Finite: a matmul of finite values has no -inf logit.
+    The products and sums are fp64: inductor's CPU reductions add up to 4096 terms a lane in
+    sequence, which in fp32 lost up to 1e-5 of s0 at V = 151936 (torch's own sum, 1e-7). The
+    kernel still reads and writes fp32, so they cost little time; the caller rounds the sums to
+    fp32 (rounding them in here made inductor's CPU kernel twice as slow)."""
     m = d.amax(-1)
-    d.sub_(m.unsqueeze(-1))  # finite: a matmul of finite values has no -inf logit to clamp
+    x = d - m.unsqueeze(-1)
+    e = torch.exp(x)
+    e_out.copy_(e)
+    e, x = e.double(), x.double()
+    ex = e * x
+    return m, e.sum(-1), ex.sum(-1), (ex * x).sum(-1)
+
+
+@functools.cache
+def _compiled_moments():
+    # dynamic: the rows change from chunk to chunk (the last is ragged) and step to step (the loss
+    # tokens of a micro-batch); a process then holds a few graphs, not one per shape (inductor
+    # specializes rows == 1 and V/TP below 4097).
+    return torch.compile(_moments, fullgraph=True, dynamic=True)
+
+
+def _compiled_now() -> bool:
+    """Whether this call runs the compiled kernel: if so set, and outside a TorchDispatchMode
+    (FlopCounterMode, a debug mode), under which dynamo does not compile."""
+    return _kernels == "compiled" and not is_in_torch_dispatch_mode(include_infra_modes=False)
+
+
+def _chunk_partials(d: Tensor, index: Tensor, e_buf: Tensor, ed_buf: Tensor, compiled: bool):
+    """(m, s0, s1, s2, z_y - m) of one chunk's fp32 logits d (see `_moments`), e left in e_buf; d
+    is spent. ed_buf: the eager kernels' scratch, e_buf where e is not needed afterwards (e is then
+    overwritten), a third buffer where it is; the compiled kernel takes none (None)."""
+    zy = d.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    if compiled:
+        # detach(): chunks are views of the buffers, and dynamo guards on a view's base's sizes.
+        m, *sums = _compiled_moments()(d.detach(), e_buf.detach())
+        return m, *(t.float() for t in sums), zy - m
+    m = d.amax(-1)
+    d.sub_(m.unsqueeze(-1))
     e = torch.exp(d, out=e_buf)
     s0 = e.sum(-1)
     ed = torch.mul(e, d, out=ed_buf)
     s1 = ed.sum(-1)
     s2 = ed.mul_(d).sum(-1)
-    return e, m, s0, s1, s2, d.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return m, s0, s1, s2, zy - m
 
 
 def _token_stats(m: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, zy: Tensor) -> TokenStats:
@@ -168,12 +220,12 @@ def fused_stats(hidden: Tensor, weight: Tensor, targets: Tensor, group=None, voc
     part = torch.zeros(5, n, device=h.device)
     part[0] = float("-inf")
     if n_valid > 0:
-        rows = chunk_rows(n_valid, weight.shape[-1], chunk_size)
+        rows, compiled = chunk_rows(n_valid, weight.shape[-1], chunk_size), _compiled_now()
         d_buf, e_buf = _buffers(2, rows, n, n_valid, h.device)
         for rs in _chunks(n, rows):
             k = rs.stop - rs.start
-            part[:, rs] = torch.stack(_chunk_partials(h[rs].to(dt), w, index[rs], d_buf[:k], e_buf[:k],
-                                                      e_buf[:k])[1:])
+            d = _mm(h[rs].to(dt), w.t(), d_buf[:k])  # the chunk's fp32 logits
+            part[:, rs] = torch.stack(_chunk_partials(d, index[rs], e_buf[:k], e_buf[:k], compiled))
         del d_buf, e_buf
     m_local, s0, s1, s2, zy = part.unbind(0)
 
@@ -230,9 +282,10 @@ class _FusedWeightedCE(torch.autograd.Function):
 
 @torch.no_grad()
 def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, n_valid: int,
-              rows: int, weights_of):
+              chunk_size: int, weights_of):
     """TP = 1: (stats, w, gamma, coef) and the fp32 gradients of sum(coef * -log p_y) in hidden and
-    weight (None for one that needs none), in one pass over the chunks."""
+    weight (None for one that needs none), in one pass over the chunks. Its [rows, V] buffers: the
+    logits and e, and the eager kernels' scratch."""
     h = hidden.reshape(-1, hidden.shape[-1])
     mask = loss_mask.reshape(-1).float()
     n = h.shape[0]
@@ -242,11 +295,15 @@ def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor
     out = torch.empty(9, n, device=h.device)  # the six TokenStats fields, w, gamma, coef
     grad_h = torch.empty(h.shape, device=h.device) if hidden.requires_grad else None  # every row written
     grad_w = torch.zeros(weight.shape, device=h.device) if weight.requires_grad else None  # padding stays 0
-    bufs = _buffers(3, rows, n, n_valid, h.device)
+    compiled = _compiled_now()
+    n_bufs = 2 if compiled else 3
+    rows = chunk_rows(n_valid, weight.shape[-1], chunk_size, buffers=n_bufs)
+    bufs = _buffers(n_bufs, rows, n, n_valid, h.device)
     for rs in _chunks(n, rows):
         k, hc = rs.stop - rs.start, h[rs].to(dt)
-        d_buf, e_buf, ed_buf = (b[:k] for b in bufs)
-        e, m, s0, s1, s2, zy = _chunk_partials(hc, w, index[rs], d_buf, e_buf, ed_buf)
+        d_buf, e, *scratch = (b[:k] for b in bufs)
+        m, s0, s1, s2, zy = _chunk_partials(_mm(hc, w.t(), d_buf), index[rs], e, scratch[0] if scratch else None,
+                                            compiled)
         stats = _token_stats(m, s0, s1, s2, torch.where(owned[rs], zy, 0.0))
         tw, gamma = weights_of(stats)
         coef = mask[rs] * tw / denom
@@ -254,7 +311,7 @@ def _one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor
         # d loss / d z_j = coef * (p_j - 1[j == y]) with p_j = e_j / s0.
         _accumulate_grads(e, coef / s0, s0 * owned[rs], index[rs], hc, w,
                           None if grad_h is None else grad_h[rs], None if grad_w is None else grad_w[:n_valid],
-                          _bf16_in(ed_buf) if dt == torch.bfloat16 else None)
+                          _bf16_in(d_buf) if dt == torch.bfloat16 else None)
     *fields, tw, gamma, coef = (t.reshape(targets.shape) for t in out)
     return TokenStats(*fields), tw, gamma, coef, (grad_h, grad_w)
 
@@ -289,8 +346,7 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     vocab = true_vocab_size(weight.shape[0], group, vocab_size)
     one_rank = group is None or dist.get_world_size(group) == 1
     if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid,
-                                                 chunk_rows(n_valid, weight.shape[-1], chunk_size, buffers=3),
+        stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid, chunk_size,
                                                  lambda s: token_weights(kind, s, lam, idft, vocab))
         return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
     stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)

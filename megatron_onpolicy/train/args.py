@@ -8,7 +8,7 @@ import yaml
 from .. import cli
 from ..data import DataError
 from ..data.blend import parse_blend
-from ..ddt import LOSS_KINDS, IDFTConfig
+from ..ddt import LOSS_KINDS, IDFTConfig, fused
 from ..model.attention import BACKENDS
 from .recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, check_recompute_args
 
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="build the head's logits and run the loss on them (default: the fused chunked head + loss)")
     g.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused loss (default: by memory)")
+    g.add_argument("--fused-loss-kernel", choices=fused.KERNELS, default="compiled",
+                   help="a chunk's softmax sums: one torch.compile'd kernel (needs a C++ compiler on the CPU, "
+                        "Triton on CUDA) or eager torch ops")
 
     g = p.add_argument_group("activation recomputation (Megatron's flags; train/recompute.py)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")

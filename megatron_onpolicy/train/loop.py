@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import cli, preempt
-from ..ddt import idft_lambda
+from ..ddt import fused, idft_lambda
 from ..model import attention
 from ..model.hf_io import load_hf_weights
 from ..model.loader import load_arch, load_tokenizer
@@ -59,6 +59,7 @@ def train(args) -> None:
 
     # Model and engine.
     attention.set_backend(args.attention_backend)
+    fused.set_kernels(args.fused_loss_kernel)
     loss_fn = TrainLoss(args.loss, idft_config(args), state.get_tensor_model_parallel_group(), arch.vocab_size,
                         keep_tokens=writer and bool(args.tensorboard_dir), chunk_size=args.loss_chunk_size)
     pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn, args.fused_loss,
