@@ -138,7 +138,8 @@ def _reshard_optimizer(engine, folder, tag) -> None:
         state = optimizer.state[flat]
         for k in keys:
             state.setdefault(k, torch.zeros_like(flat))
-        state["step"] = old[0]["step"]  # the same on every rank
+        # The same on every rank; the fused AdamW keeps it on the parameters' device, in fp32.
+        state["step"] = old[0]["step"].to(flat.device, torch.float32) if group["fused"] else old[0]["step"]
         new = {"fp32": flat.data, **{k: state[k] for k in keys}}
         for name in dict.fromkeys(n for p in parts for n in p[PARAM_SLICE_MAPPINGS][g]):
             mapping = params[name]._hp_mapping
