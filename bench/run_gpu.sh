@@ -18,7 +18,9 @@ step() { echo; echo "=== [$(($(date +%s) - t0)) s] $*"; }
 
 part1() {
     step tests
-    timeout 200 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py 2>&1 | tail -80
+    timeout 180 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py 2>&1 | tail -80
+    step chunk sums, Triton against eager
+    timeout 40 $PY bench/bench_fused_loss.py --chunk-sums --vocab 49152 151936 --chunk-size 1024 --repeat 10
     for dtype in fp32 bf16; do
         step fused loss $dtype
         timeout 90 $PY bench/bench_fused_loss.py --tokens 2048 8192 32768 --vocab 49152 151936 --dim 576 3584 \
