@@ -2,8 +2,9 @@
 # The GPU checks and benchmarks of docs/performance.md ("On a GPU"), on one GPU:
 #   bash bench/run_gpu.sh [LOG_DIR] [1|2|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
 # Part 1 is the tests and the loss and attention benches, part 2 the trainer, decoding and
-# recomputation benches: each at most about 9 minutes on an H100 (the time limits below; the
-# 2026-11-26 runs' steps took less), so that each fits one call where a call may run 10 minutes.
+# recomputation benches and a TP rank's two-pass loss: each at most about 10 minutes on an H100
+# (the time limits below; the 2026-11-26 runs' steps took less), so that each fits one call where
+# a call may run 10 minutes.
 # The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time
 # limit and a failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log
 # (default: the current folder).
@@ -19,8 +20,8 @@ step() { echo; echo "=== [$(($(date +%s) - t0)) s] $*"; }
 part1() {
     step tests
     timeout 180 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py 2>&1 | tail -80
-    step chunk sums, Triton against eager
-    timeout 40 $PY bench/bench_fused_loss.py --chunk-sums --vocab 49152 151936 --chunk-size 1024 --repeat 10
+    step chunk kernels, Triton against eager
+    timeout 40 $PY bench/bench_fused_loss.py --chunk-sums --vocab 49152 151936 --chunk-size 1024 --repeat 10 --dtype bf16
     for dtype in fp32 bf16; do
         step fused loss $dtype
         timeout 90 $PY bench/bench_fused_loss.py --tokens 2048 8192 32768 --vocab 49152 151936 --dim 576 3584 \
@@ -42,6 +43,9 @@ part2() {
         --deepspeed-config ds_configs/zero1_bf16.json
     step decoding; timeout 100 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 --batches 1 8 32
     step recompute; timeout 100 $PY bench/bench_recompute.py --tp 1 --seq-length 4096 --iters 3
+    step fused loss bf16, the two passes of a TP rank
+    timeout 45 $PY bench/bench_fused_loss.py --tokens 8192 --vocab 49152 151936 --dim 576 3584 --repeat 2 \
+        --dtype bf16 --cases floor fused fused-tp fused-tp-eager
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_onpolicy.ddt import ddt_loss, fused
+from megatron_onpolicy.ddt import IDFTConfig, ddt_loss, fused, token_weights
 from megatron_onpolicy.ddt.fused import CHUNK_BYTES, CHUNK_CAP, chunk_rows, fused_ddt_loss, fused_stats
 from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
 from megatron_onpolicy.parallel.mappings import copy_to_tp
@@ -43,26 +43,35 @@ def tp_info(group):
     return (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
 
 
-def run_path(fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk=None, grad_out=1.0):
+def run_path(is_fused, hidden, shard, targets, mask, kind, lam, group, vocab, chunk=None, grad_out=1.0,
+             count_flops=False, two_pass=False):
     """(loss, stats, hidden grad, weight grad, collectives of the forward, of the backward, matmul
-    flops of the backward) of one path; the backward is that of grad_out * loss."""
+    flops of the backward if counted) of one path; the backward is that of grad_out * loss.
+    two_pass: the fused path's two passes (TP > 1's) whatever the group. Counting the flops runs
+    the backward's eager kernels (dynamo does not compile under a dispatch mode)."""
     h = hidden.clone().requires_grad_()
     w = shard.clone().requires_grad_()
     x = copy_to_tp(h, group)  # the model's structure: the head's input is summed over TP in backward
     denom = float(mask.sum()) + 2  # the global batch's count, not this mask's
     with count_collectives() as forward:
-        if fused:
+        if two_pass:
+            loss, stats, _, _ = fused._two_pass(x, w, targets, mask, denom, group, vocab, chunk,
+                                                lambda s: token_weights(kind, s, lam, IDFTConfig(), vocab))
+        elif is_fused:
             loss, stats, _, _ = fused_ddt_loss(x, w, targets, mask, kind, denom, group, vocab, lam,
                                                chunk_size=chunk)
         else:
             loss, stats, _, _ = ddt_loss(F.linear(x, w), targets, mask, kind, denom, group, vocab, lam)
-    with count_collectives() as backward, FlopCounterMode(display=False, custom_mapping=ADDMM_FLOPS) as flops:
+    flops = FlopCounterMode(display=False, custom_mapping=ADDMM_FLOPS) if count_flops else contextlib.nullcontext()
+    with count_collectives() as backward, flops:
         (grad_out * loss).backward()
-    return loss.detach(), stats, h.grad, w.grad, forward, backward, flops.get_total_flops()
+    return (loss.detach(), stats, h.grad, w.grad, forward, backward,
+            flops.get_total_flops() if count_flops else None)
 
 
-def check_fused_matches_unfused(vocab, padded, group):
+def check_fused_matches_unfused(vocab, padded, group, two_pass=False):
     tp, rank = tp_info(group)
+    passes = 2 if two_pass or tp > 1 else 1
     shard_rows = padded // tp
     rows = slice(rank * shard_rows, (rank + 1) * shard_rows)
     hidden, weight, targets, mask = make_case(vocab, padded)
@@ -71,22 +80,24 @@ def check_fused_matches_unfused(vocab, padded, group):
     for kind, lam in LOSSES:
         ref = run_path(False, hidden, shard, targets, mask, kind, lam, group, vocab)
         for chunk in CHUNKS:
-            what = f"TP={tp} V={vocab}/{padded} {kind} lam={lam} chunk={chunk}"
+            what = f"TP={tp} V={vocab}/{padded} {kind} lam={lam} chunk={chunk} passes={passes}"
             grad_out = GRAD_OUT.get(chunk, 1.0)
             loss, stats, gh, gw, calls, back_calls, back_flops = run_path(
-                True, hidden, shard, targets, mask, kind, lam, group, vocab, chunk, grad_out)
+                True, hidden, shard, targets, mask, kind, lam, group, vocab, chunk, grad_out,
+                count_flops=chunk is None, two_pass=two_pass)
             # One MAX and one SUM all-reduce forward, whatever the number of chunks; the backward's
             # only collective is copy_to_tp's sum of the hidden-state gradient.
             assert calls == ["all_reduce"] * (0 if tp == 1 else 2), (what, calls)
             assert back_calls == ref[5] == ["all_reduce"] * (tp > 1), (what, back_calls)
-            # TP = 1: the forward formed both gradients, the backward only scales them (no matmul);
-            # TP > 1: the backward recomputes the logits (of a shard that is not all padding).
-            assert (back_flops > 0) == (tp > 1 and vocab > rank * shard_rows), (what, back_flops)
+            # One pass: the forward formed both gradients, the backward only scales them (no
+            # matmul); two: the backward recomputes the logits (of a shard that is not all padding).
+            if back_flops is not None:
+                assert (back_flops > 0) == (passes == 2 and vocab > rank * shard_rows), (what, back_flops)
             close(loss, ref[0], what=what + " loss")
             for name in STATS:
                 sel = keep if name in ("logp", "phi") else slice(None)  # masked positions have no target
                 close(getattr(stats, name)[sel], getattr(ref[1], name)[sel], what=f"{what} {name}")
-            if tp == 1:  # the statistics the one pass logs are those of the no-grad path, bit for bit
+            if passes == 1:  # the statistics the one pass logs are those of the no-grad path, bit for bit
                 alone = fused_stats(hidden, shard, targets, group, vocab, chunk)
                 assert all(torch.equal(getattr(stats, k), getattr(alone, k)) for k in vars(alone)), what
             close(gh, grad_out * ref[2], what=what + " hidden grad")
@@ -190,18 +201,18 @@ def bf16_into_fp32_on_cpu():
         fused._mm_into_fp32.cache_clear()
 
 
-def check_bf16_operands(vocab, padded, group):
+def check_bf16_operands(vocab, padded, group, two_pass=False):
     """Where bf16 matrices multiply into fp32, h and W enter every matmul in bf16 (no fp32 copy of
     W) and the logit gradient is rounded once to bf16: the loss and statistics are those of fp32
     arithmetic on the same values, each gradient within two bf16 roundings (2^-8 of the largest
-    entry) of it. Checked at TP = 4 too, where the backward's own pass rebuilds the logits."""
+    entry) of it. Checked with two passes too (TP = 4), where the backward rebuilds the logits."""
     tp, rank = tp_info(group)
     hidden, weight, targets, mask = make_case(vocab, padded, seed=2)
     hidden, shard = hidden.bfloat16(), weight.chunk(tp)[rank].bfloat16()
     n_valid = min(max(vocab - rank * shard.shape[0], 0), shard.shape[0])
-    ref = run_path(True, hidden.float(), shard.float(), targets, mask, "idft", 1.0, group, vocab, 4)
+    ref = run_path(True, hidden.float(), shard.float(), targets, mask, "idft", 1.0, group, vocab, 4, two_pass=two_pass)
     with bf16_into_fp32_on_cpu() as calls:
-        got = run_path(True, hidden, shard, targets, mask, "idft", 1.0, group, vocab, 4)
+        got = run_path(True, hidden, shard, targets, mask, "idft", 1.0, group, vocab, 4, two_pass=two_pass)
     assert got[2].dtype == got[3].dtype == torch.bfloat16
     close(got[0], ref[0], rtol=1e-6, what="bf16 operands loss")
     close(got[1].entropy, ref[1].entropy, rtol=1e-6, what="bf16 operands entropy")
@@ -258,7 +269,7 @@ def test_compiled_sums_are_fp64_accurate():
     g = torch.Generator().manual_seed(5)
     d = torch.randn(8, 151936, generator=g) * 3
     e = torch.empty_like(d)
-    m, *sums = fused._compiled_moments()(d, e)
+    m, *sums = fused._compiled(fused._moments)(d, e)
     assert torch.equal(m, d.amax(-1))
     x = (d - m.unsqueeze(-1)).double()
     close(e, x.exp(), rtol=2 ** -22, atol=0, what="e")
@@ -268,19 +279,24 @@ def test_compiled_sums_are_fp64_accurate():
 
 def test_compiled_kernel_holds_few_graphs():
     """Chunks of every row count, the ragged last, one row, narrow and wide shards, through the loss
-    and the statistics: the compiled kernel holds at most four graphs (inductor specializes one row
-    and shards under 4097 columns), far from dynamo's recompile limit, past which it would run eager."""
+    (one pass and two) and the statistics: each compiled kernel holds at most four graphs (inductor
+    specializes one row and shards under 4097 columns), far from dynamo's recompile limit, past
+    which it would run eager."""
+    def graphs(kernel):
+        return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(kernel))
+
     torch._dynamo.reset()
     for vocab, padded, chunk in ((37, 40, None), (37, 40, 4), (37, 40, 1), (5000, 5000, 3), (5000, 5000, 20)):
         hidden, weight, targets, mask = make_case(vocab, padded)
-        run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, vocab, chunk)
+        for two_pass in (False, True):
+            run_path(True, hidden, weight, targets, mask, "idft", 1.0, None, vocab, chunk, two_pass=two_pass)
         fused_stats(hidden, weight, targets, None, vocab, chunk)
-    graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(fused._moments)
-    assert 2 <= len(graphs) <= 4, len(graphs)
+    held = {kernel: graphs(kernel) for kernel in (fused._moments, fused._logit_grad)}
+    assert all(2 <= n <= 4 for n in held.values()), held
     hidden, weight, targets, mask = make_case(5000, 5000)
     for chunk in (2, 5, 7, 11, 21):
-        fused_stats(hidden, weight, targets, None, 5000, chunk)
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fused._moments)) == len(graphs)
+        run_path(True, hidden, weight, targets, mask, "ce", 1.0, None, 5000, chunk, two_pass=True)
+    assert {kernel: graphs(kernel) for kernel in held} == held
 
 
 @pytest.mark.parametrize("kernel", fused.KERNELS)
@@ -291,9 +307,11 @@ def test_single_process(kernel):
 
 def check_single_process():
     check_fused_matches_unfused(37, 40, None)
+    check_fused_matches_unfused(37, 40, None, two_pass=True)  # a TP rank's passes, without the collectives
     check_tied_embedding(37, 37, None)
     check_bf16(37, 40, None)
     check_bf16_operands(37, 40, None)
+    check_bf16_operands(37, 40, None, two_pass=True)
     check_frozen_input_and_second_backward()
 
 

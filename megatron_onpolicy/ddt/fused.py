@@ -26,10 +26,13 @@ The backward recomputes each chunk's logits from h and W and the saved logsumexp
 collective: the caller passes h through `copy_to_tp`, whose backward sums h's gradient over TP
 once.
 
-A chunk's elementwise work (its row max, e = exp(z - m) and the three sums) is one kernel compiled
-by torch.compile by default (`set_kernels`; inductor: C++ on the CPU, Triton on CUDA): it reads
-the logits twice and writes e once, where eager ops make about eight passes over the [rows, V/TP]
-buffers. "eager" is the same arithmetic in torch ops, without a compiler.
+A chunk's elementwise work is two kernels compiled by torch.compile by default (`set_kernels`;
+inductor: C++ on the CPU, Triton on CUDA), where eager ops make several passes over the
+[rows, V/TP] buffers: the row max, e = exp(z - m) and the three sums read the logits twice and
+write e once (eager: about eight passes); the two-pass backward's logit gradient reads the logits
+once and writes the gradient once, in place in fp32 and as the bf16 copy bf16 matmuls take (eager:
+two fp32 passes in place, and in bf16 a third that rounds). "eager" is the same arithmetic in torch ops,
+without a compiler.
 """
 import functools
 
@@ -134,12 +137,21 @@ def _moments(d: Tensor, e_out: Tensor):
     return m, e.sum(-1), ex.sum(-1), (ex * x).sum(-1)
 
 
+def _logit_grad(d: Tensor, log_z: Tensor, index: Tensor, s_y: Tensor, scale: Tensor, g_out: Tensor):
+    """g_out = scale * (exp(d - log_z) - s_y 1[j == index]), row by row, for the fp32 logits d: the
+    two-pass backward's logit gradient, written once in g_out's dtype (bf16 operands: rounded once).
+    g_out may be d itself (fp32)."""
+    p = torch.exp(d - log_z.unsqueeze(-1))
+    target = torch.arange(d.shape[-1], device=d.device) == index.unsqueeze(-1)
+    g_out.copy_(torch.where(target, p - s_y.unsqueeze(-1), p) * scale.unsqueeze(-1))
+
+
 @functools.cache
-def _compiled_moments():
+def _compiled(kernel):
     # dynamic: the rows change from chunk to chunk (the last is ragged) and step to step (the loss
-    # tokens of a micro-batch); a process then holds a few graphs, not one per shape (inductor
-    # specializes rows == 1 and V/TP below 4097).
-    return torch.compile(_moments, fullgraph=True, dynamic=True)
+    # tokens of a micro-batch); a process then holds a few graphs a kernel, not one per shape
+    # (inductor specializes rows == 1 and V/TP below 4097).
+    return torch.compile(kernel, fullgraph=True, dynamic=True)
 
 
 def _compiled_now() -> bool:
@@ -155,7 +167,7 @@ def _chunk_partials(d: Tensor, index: Tensor, e_buf: Tensor, ed_buf: Tensor, com
     zy = d.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     if compiled:
         # detach(): chunks are views of the buffers, and dynamo guards on a view's base's sizes.
-        m, *sums = _compiled_moments()(d.detach(), e_buf.detach())
+        m, *sums = _compiled(_moments)(d.detach(), e_buf.detach())
         return m, *(t.float() for t in sums), zy - m
     m = d.amax(-1)
     d.sub_(m.unsqueeze(-1))
@@ -181,25 +193,33 @@ def _reshaped(stats: TokenStats, shape) -> TokenStats:
     return TokenStats(*(t.reshape(shape) for t in vars(stats).values()))
 
 
-def _accumulate_grads(e: Tensor, c: Tensor, s0_y: Tensor, index: Tensor, hc: Tensor, w: Tensor,
-                      grad_h: Tensor, grad_w: Tensor, spare: Tensor = None):
-    """Add one chunk's gradient to grad_h (its rows) and grad_w (the real vocab rows), for the logit
-    gradient c * (e_j - s0_y 1[j == y]). The one-hot term is one scatter into e. In fp32 the row
-    factor c goes on the [rows, D] side of each matmul, so the [rows, V/TP] buffer takes no other
-    pass; bf16 operands need a bf16 logit gradient, and c goes into that one copy (to spare, a
-    [rows, V/TP] bf16 buffer)."""
-    e.scatter_add_(-1, index.unsqueeze(-1), -s0_y.unsqueeze(-1))
-    if w.dtype == torch.float32:
-        if grad_h is not None:
-            torch.mm(e, w, out=grad_h).mul_(c.unsqueeze(-1))
-        if grad_w is not None:
-            grad_w.addmm_(e.t(), hc * c.unsqueeze(-1))
-        return
-    g = torch.mul(e, c.unsqueeze(-1), out=spare)
+def _add_grads(g: Tensor, c: Tensor, hc: Tensor, w: Tensor, grad_h: Tensor, grad_w: Tensor):
+    """Write one chunk's rows of grad_h and add its part to grad_w (the real vocab rows) for the
+    logit gradient c * g, g [rows, V/TP] in the operands' dtype; c: the row factor, on the [rows, D]
+    side of each matmul (None where g holds it already)."""
     if grad_h is not None:
         _mm(g, w, grad_h)
+        if c is not None:
+            grad_h.mul_(c.unsqueeze(-1))
     if grad_w is not None:
-        torch.addmm(grad_w, g.t(), hc, out_dtype=torch.float32, out=grad_w)
+        b = hc if c is None else hc * c.unsqueeze(-1)
+        if g.dtype == grad_w.dtype:
+            grad_w.addmm_(g.t(), b)
+        else:
+            torch.addmm(grad_w, g.t(), b, out_dtype=grad_w.dtype, out=grad_w)
+
+
+def _accumulate_grads(e: Tensor, c: Tensor, s0_y: Tensor, index: Tensor, hc: Tensor, w: Tensor,
+                      grad_h: Tensor, grad_w: Tensor, spare: Tensor = None):
+    """`_add_grads` for the logit gradient c * (e_j - s0_y 1[j == y]), e fp32. The one-hot term is
+    one scatter into e. In fp32 the row factor c goes on the [rows, D] side of each matmul, so the
+    [rows, V/TP] buffer takes no other pass; bf16 operands need a bf16 logit gradient, and c goes
+    into that one copy (to spare, a [rows, V/TP] bf16 buffer)."""
+    e.scatter_add_(-1, index.unsqueeze(-1), -s0_y.unsqueeze(-1))
+    if w.dtype == torch.float32:
+        _add_grads(e, c, hc, w, grad_h, grad_w)
+    else:
+        _add_grads(torch.mul(e, c.unsqueeze(-1), out=spare), None, hc, w, grad_h, grad_w)
 
 
 @torch.no_grad()
@@ -269,13 +289,24 @@ class _FusedWeightedCE(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, device=h.device)       # fp32 accumulation of both gradients
         grad_w = torch.zeros(weight.shape, device=h.device)  # padded rows keep a zero gradient
         n = h.shape[0] if n_valid > 0 else 0
-        (p_buf,) = _buffers(1, ctx.rows, n, n_valid, h.device)
-        spare = torch.empty_like(p_buf, dtype=dt) if dt == torch.bfloat16 else None
+        compiled = _compiled_now()
+        (d_buf,) = _buffers(1, ctx.rows, n, n_valid, h.device)
+        # bf16 operands: the bf16 copy of the logit gradient that the matmuls take.
+        g_buf = torch.empty_like(d_buf, dtype=dt) if dt == torch.bfloat16 else None
         for rs in _chunks(n, ctx.rows):
             k, hc = rs.stop - rs.start, h[rs].to(dt)
-            p = _mm(hc, w.t(), p_buf[:k]).sub_(log_z[rs].unsqueeze(-1)).exp_()
-            _accumulate_grads(p, scale[rs], owned[rs].float(), index[rs], hc, w, grad_h[rs], grad_w[:n_valid],
-                              None if spare is None else spare[:k])
+            d = _mm(hc, w.t(), d_buf[:k])
+            if compiled:
+                # In fp32 the gradient overwrites the logits: the same tensor as input and output
+                # makes inductor's kernel work in place (its own loads before its stores).
+                d = d.detach()
+                g = d if g_buf is None else g_buf[:k].detach()
+                _compiled(_logit_grad)(d, log_z[rs], index[rs], owned[rs].float(), scale[rs], g)
+                _add_grads(g, None, hc, w, grad_h[rs], grad_w[:n_valid])
+            else:
+                p = d.sub_(log_z[rs].unsqueeze(-1)).exp_()
+                _accumulate_grads(p, scale[rs], owned[rs].float(), index[rs], hc, w, grad_h[rs], grad_w[:n_valid],
+                                  None if g_buf is None else g_buf[:k])
         return (grad_h.to(hidden.dtype).reshape(hidden.shape), grad_w.to(weight.dtype),
                 None, None, None, None, None, None, None)
 
@@ -342,15 +373,27 @@ def fused_ddt_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: T
     """`ddt_loss(hidden @ weight^T, ...)`, differentiable in hidden and weight, chunk by chunk.
 
     Under TP, hidden must come through `copy_to_tp` (its gradient here is this rank's partial)."""
-    start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
     vocab = true_vocab_size(weight.shape[0], group, vocab_size)
+
+    def weights_of(stats):
+        return token_weights(kind, stats, lam, idft, vocab)
+
     one_rank = group is None or dist.get_world_size(group) == 1
     if one_rank and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)[1]
         stats, w, gamma, coef, grads = _one_pass(hidden, weight, targets, loss_mask, denom, n_valid, chunk_size,
-                                                 lambda s: token_weights(kind, s, lam, idft, vocab))
+                                                 weights_of)
         return _PrecomputedGradCE.apply(hidden, weight, coef, stats.logp, grads), stats, w, gamma
+    return _two_pass(hidden, weight, targets, loss_mask, denom, group, vocab_size, chunk_size, weights_of)
+
+
+def _two_pass(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Tensor, denom, group, vocab_size: int,
+              chunk_size: int, weights_of):
+    """TP > 1, or no gradient: the statistics pass (the collectives), then a loss whose backward
+    rebuilds each chunk's logits. (At TP = 1 the benches and GPU tests call it for what a TP rank runs.)"""
+    start, n_valid = vocab_shard_range(weight.shape[0], group, vocab_size)
     stats = fused_stats(hidden, weight, targets, group, vocab_size, chunk_size)
-    w, gamma = token_weights(kind, stats, lam, idft, vocab)
+    w, gamma = weights_of(stats)
     coef = loss_mask.float() * w / denom
     log_z = stats.max_logit + stats.log_sum_exp
     loss = _FusedWeightedCE.apply(hidden, weight, targets, coef, stats.logp, log_z, start, n_valid,
