@@ -299,6 +299,21 @@ def test_compiled_kernel_holds_few_graphs():
     assert {kernel: graphs(kernel) for kernel in held} == held
 
 
+def test_a_kernel_that_cannot_be_built_names_the_eager_kernels():
+    """No C++ compiler for inductor (as on a node without one): the error says how to run without."""
+    import torch._inductor.config
+
+    hidden, weight, targets, mask = make_case(37, 40)
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent"), "fx_graph_cache": False}):
+            with pytest.raises(RuntimeError, match="--fused-loss-kernel eager") as error:
+                fused_stats(hidden, weight, targets, None, 37)
+        assert "No working C++ compiler" in str(error.value)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kernel", fused.KERNELS)
 def test_single_process(kernel):
     with kernels(kernel):

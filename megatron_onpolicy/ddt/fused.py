@@ -154,6 +154,17 @@ def _compiled(kernel):
     return torch.compile(kernel, fullgraph=True, dynamic=True)
 
 
+def _run_compiled(kernel, *args):
+    """kernel through torch.compile (built at its first call for a shape); a build that fails (no
+    C++ compiler for inductor's CPU code, no Triton) says how to run without one."""
+    try:
+        return _compiled(kernel)(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        raise RuntimeError(f"ddt/fused.py: torch.compile could not build the fused loss's {kernel.__name__} kernel "
+                           f"({str(e).splitlines()[0]}); --fused-loss-kernel eager (the trainer, tools/ddt_score.py) "
+                           "runs the same arithmetic as torch ops") from e
+
+
 def _compiled_now() -> bool:
     """Whether this call runs the compiled kernel: if so set, and outside a TorchDispatchMode
     (FlopCounterMode, a debug mode), under which dynamo does not compile."""
@@ -167,7 +178,7 @@ def _chunk_partials(d: Tensor, index: Tensor, e_buf: Tensor, ed_buf: Tensor, com
     zy = d.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     if compiled:
         # detach(): chunks are views of the buffers, and dynamo guards on a view's base's sizes.
-        m, *sums = _compiled(_moments)(d.detach(), e_buf.detach())
+        m, *sums = _run_compiled(_moments, d.detach(), e_buf.detach())
         return m, *(t.float() for t in sums), zy - m
     m = d.amax(-1)
     d.sub_(m.unsqueeze(-1))
@@ -301,7 +312,7 @@ class _FusedWeightedCE(torch.autograd.Function):
                 # makes inductor's kernel work in place (its own loads before its stores).
                 d = d.detach()
                 g = d if g_buf is None else g_buf[:k].detach()
-                _compiled(_logit_grad)(d, log_z[rs], index[rs], owned[rs].float(), scale[rs], g)
+                _run_compiled(_logit_grad, d, log_z[rs], index[rs], owned[rs].float(), scale[rs], g)
                 _add_grads(g, None, hc, w, grad_h[rs], grad_w[:n_valid])
             else:
                 p = d.sub_(log_z[rs].unsqueeze(-1)).exp_()
