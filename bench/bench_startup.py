@@ -5,7 +5,9 @@ seconds, from process start to the end of the first iteration. Every repetition 
 process; the medians are printed. CPU seconds (the process's, all threads) are what a busy
 machine distorts least.
 
-    .venv/bin/python bench/bench_startup.py [--reps 5] [--rows 2000] [--work /tmp/bench_startup]
+    .venv/bin/python bench/bench_startup.py [--reps 5] [--rows 2000] [--work /tmp/bench_startup] [TRAINER ARGS]
+
+Other arguments go to the trainer (e.g. --fused-loss-kernel eager).
 
 The phases are the trainer's own functions, timed by wrapping them in the child process
 (`--child`), which then runs the entry point as `python launch/pretrain_idft.py` would."""
@@ -92,7 +94,7 @@ def main():
         out, save = w / "phases.json", w / "run"
         out.unlink(missing_ok=True)
         shutil.rmtree(save, ignore_errors=True)  # a complete checkpoint there would be resumed, not trained
-        result = subprocess.run([sys.executable, __file__, "--child", str(out), *train, "--save", str(save)],
+        result = subprocess.run([sys.executable, __file__, "--child", str(out), *train, *rest, "--save", str(save)],
                                 cwd=ROOT, capture_output=True, text=True)
         if not out.is_file():
             raise RuntimeError(f"the run failed:\n{result.stderr[-3000:]}")
