@@ -31,8 +31,8 @@ inductor: C++ on the CPU, Triton on CUDA), where eager ops make several passes o
 [rows, V/TP] buffers: the row max, e = exp(z - m) and the three sums read the logits twice and
 write e once (eager: about eight passes); the two-pass backward's logit gradient reads the logits
 once and writes the gradient once, in place in fp32 and as the bf16 copy bf16 matmuls take (eager:
-two fp32 passes in place, and in bf16 a third that rounds). "eager" is the same arithmetic in torch ops,
-without a compiler.
+two fp32 passes in place, and in bf16 a third that rounds). "eager" is the same arithmetic in torch
+ops, without a compiler.
 """
 import functools
 
