@@ -14,9 +14,10 @@ loop runs --naive-tokens tokens only: without a cache each step costs a forward 
 sequence, so its tokens/s at 256 tokens would be lower still than the one measured.
 
     .venv/bin/python bench/bench_decoding.py [--new-tokens 256] [--naive-tokens 16] [--batches 1 8 32] \
-        [--naive-examples 2] [--threads T] [--dtype fp32|bf16]
+        [--naive-examples 2] [--threads T] [--dtype fp32|bf16] [--cuda-graph]
 
-On a machine with a GPU everything runs there (cli.device())."""
+On a machine with a GPU everything runs there (cli.device()); --cuda-graph times ours a second
+time with the decode steps replayed from a CUDA graph, beside the eager runs."""
 import argparse
 import json
 import math
@@ -66,7 +67,10 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of the weights (both models)")
+    p.add_argument("--cuda-graph", action="store_true", help="also ours with the decode steps in a CUDA graph")
     args = p.parse_args()
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda-graph needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -88,7 +92,9 @@ def main():
           f"{sum(map(len, hinted)) / len(hinted):.0f}, plain {sum(map(len, plain)) / len(plain):.0f} tokens on average",
           flush=True)
 
-    hinted_generate(model, tokenizer, hinted[:1], plain[:1], SamplingParams(max_new_tokens=4), hint)  # warm-up
+    graphs = (False, True) if args.cuda_graph else (False,)
+    for graph in graphs:  # warm-up
+        hinted_generate(model, tokenizer, hinted[:1], plain[:1], SamplingParams(max_new_tokens=4), hint, cuda_graph=graph)
     g = torch.Generator(device=dev).manual_seed(0)
     naive_s = sum(timed(lambda: naive_hinted(hf, hinted[i], plain[i], args.naive_tokens, params, hint, g))[0]
                   for i in range(args.naive_examples))
@@ -97,14 +103,17 @@ def main():
              f"{naive:.2f} tokens/s ({naive_s:.1f} s)"]
     print(lines[-1], flush=True)
     for b in args.batches:
-        h_s, results = timed(lambda: hinted_generate(model, tokenizer, hinted[:b], plain[:b], params, hint))
-        p_s, gens = timed(lambda: generate(model, plain[:b], params))
-        assert all(r.n_tokens == args.new_tokens for r in results) and all(len(x.tokens) == args.new_tokens for x in gens)
-        h_tps, p_tps = b * args.new_tokens / h_s, b * args.new_tokens / p_s
-        lines.append(f"batch {b:>2}, {args.new_tokens} tokens: hinted {h_tps:7.1f} tokens/s ({h_s:6.1f} s), "
-                     f"plain {p_tps:7.1f} tokens/s ({p_s:6.1f} s); hinted / naive {h_tps / naive:6.1f}x, "
-                     f"hinted time / plain time {h_s / p_s:.2f}x")
-        print(lines[-1], flush=True)
+        for graph in graphs:
+            h_s, results = timed(lambda: hinted_generate(model, tokenizer, hinted[:b], plain[:b], params, hint,
+                                                         cuda_graph=graph))
+            p_s, gens = timed(lambda: generate(model, plain[:b], params, cuda_graph=graph))
+            assert all(r.n_tokens == args.new_tokens for r in results)
+            assert all(len(x.tokens) == args.new_tokens for x in gens)
+            h_tps, p_tps = b * args.new_tokens / h_s, b * args.new_tokens / p_s
+            lines.append(f"batch {b:>2}{', CUDA graph' if graph else ''}, {args.new_tokens} tokens: hinted "
+                         f"{h_tps:7.1f} tokens/s ({h_s:6.1f} s), plain {p_tps:7.1f} tokens/s ({p_s:6.1f} s); "
+                         f"hinted / naive {h_tps / naive:6.1f}x, hinted time / plain time {h_s / p_s:.2f}x")
+            print(lines[-1], flush=True)
     print("\n".join(["", "summary:"] + lines))
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/performance.md ("On a GPU"), on one GPU:
-#   bash bench/run_gpu.sh [LOG_DIR] [1|2|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
-# Part 1 is the tests and the loss and attention benches, part 2 the trainer, decoding and
-# recomputation benches and a TP rank's two-pass loss: each at most about 10 minutes on an H100
-# (the time limits below; the 2026-11-26 runs' steps took less), so that each fits one call where
-# a call may run 10 minutes.
+#   bash bench/run_gpu.sh [LOG_DIR] [1|2|decode|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
+# Part 1 is the tests and the loss and attention benches, part 2 the trainer and recomputation
+# benches and a TP rank's two-pass loss: each at most about 10 minutes on an H100 (the time limits
+# below; the 2026-11-26 runs' steps took less), so that each fits one call where a call may run 10
+# minutes. Part "decode" (about 3 minutes) is decoding alone: the CUDA graph's tests, then eager
+# and graphed decoding side by side.
 # The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time
 # limit and a failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log
 # (default: the current folder).
@@ -41,11 +42,19 @@ part2() {
     TORCH_LOGS=recompiles timeout 170 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
         --pack-length 2048 --pack-iters 12 --cases ours-ce ours-idft ours-pad ours-pack ours-pack-flex \
         --deepspeed-config ds_configs/zero1_bf16.json
-    step decoding; timeout 100 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 --batches 1 8 32
     step recompute; timeout 100 $PY bench/bench_recompute.py --tp 1 --seq-length 4096 --iters 3
     step fused loss bf16, the two passes of a TP rank
     timeout 45 $PY bench/bench_fused_loss.py --tokens 8192 --vocab 49152 151936 --dim 576 3584 --repeat 2 \
         --dtype bf16 --cases floor fused fused-tp fused-tp-eager
+}
+
+decode() {
+    step decoding tests
+    timeout 60 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
+        -k "generation or cuda_graph" 2>&1 | tail -60
+    step decoding, eager and in a CUDA graph
+    timeout 120 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 \
+        --batches 1 8 32 --cuda-graph
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -53,7 +62,8 @@ $PY -c "import torch, transformers, deepspeed; print(torch.__version__, transfor
 case $PART in
     1) part1 ;;
     2) part2 ;;
-    all) part1; part2 ;;
-    *) echo "part: 1, 2 or all, not $PART"; exit 2 ;;
+    decode) decode ;;
+    all) decode; part1; part2 ;;
+    *) echo "part: 1, 2, decode or all, not $PART"; exit 2 ;;
 esac
 step done

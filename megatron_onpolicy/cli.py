@@ -25,6 +25,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each batch's decode steps from one CUDA graph (CUDA devices only; "
+                        "docs/performance.md)")
+
+
+def check_decoding_args(p: argparse.ArgumentParser, args) -> None:
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda-graph needs a CUDA device, and none is visible")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
     p.add_argument("--prompt-key", default="prompt")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from megatron_onpolicy.ddt import fused
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
+from megatron_onpolicy.generate.engine import DecodeState
 from megatron_onpolicy.model import attention
 from megatron_onpolicy.model.attention import attend, packed_spans
 from megatron_onpolicy.model.loader import load_model
@@ -173,6 +174,36 @@ def test_generation_on_gpu_equals_cpu(tmp_path):
     sampled = generate(models[GPU], prompts, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12,
                                                             eos_ids=(), seed=3))
     assert [len(g.tokens) for g in sampled] == [12] * 3
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mistral-window"])
+def test_decoding_in_a_cuda_graph_equals_eager(tmp_path, kind):
+    """Decode steps replayed from one CUDA graph give the eager steps' logits and tokens: greedy
+    and sampled generation and hinted decoding (sliding windows, GQA, left padding); a state's
+    graph is captured once and replayed for every later step."""
+    save_tiny(kind, tmp_path, 0.3)
+    model = load_model(str(tmp_path), device=GPU)[0]
+    prompts, hints = prompts_of([2, 40, 7]), prompts_of([30, 9, 17], seed=1)
+    with torch.no_grad():
+        eager, graphed = DecodeState(model, prompts, 8), DecodeState(model, prompts, 8, cuda_graph=True)
+        logits = [(eager.prefill(), graphed.prefill())]
+        tokens = logits[0][0].argmax(-1)
+        for step in range(8):
+            logits.append((eager.step(tokens), graphed.step(tokens)))
+            tokens = logits[-1][0].argmax(-1)
+            if step == 0:
+                graph = graphed.graph
+    assert graph is not None and graphed.graph is graph
+    for k, (a, b) in enumerate(logits):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {k}: {m}")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12, eos_ids=())
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, eos_ids=(), seed=3)
+    for params in (greedy, sampled):
+        runs = [[g.tokens for g in generate(model, prompts, params, cuda_graph=c)] for c in (False, True)]
+        assert runs[0] == runs[1]
+        runs = [[r.tokens for r in hinted_generate(model, IdTokenizer(), hints, prompts, params, HintConfig(),
+                                                    cuda_graph=c)] for c in (False, True)]
+        assert runs[0] == runs[1]
 
 
 # name: (loss, fused, tied, DeepSpeed config)

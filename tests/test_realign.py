@@ -142,6 +142,10 @@ def test_filtered_output_and_template_errors(tiny_model, tmp_path):
     assert bad.returncode != 0
     assert "realign_distributed: error:" in bad.stderr and "{answer}" in bad.stderr and "bad.txt" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    if not torch.cuda.is_available():  # on a GPU, tests/test_gpu.py runs the graphs
+        no_gpu = run("--out-dir", str(tmp_path / "graph"), "--cuda-graph")
+        assert no_gpu.returncode != 0 and "--cuda-graph needs a CUDA device" in no_gpu.stderr
+        assert not (tmp_path / "graph").exists()
 
 
 def test_shard_writer_cuts_a_torn_line(tmp_path):

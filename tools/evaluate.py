@@ -58,8 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (each k completions)")
     p.add_argument("--seed", type=int, default=0)
+    cli.add_decoding_args(p)
     add_stream_args(p)
     args = p.parse_args(argv)
+    cli.check_decoding_args(p, args)
     if args.samples < 1:
         p.error("--samples must be >= 1")
     return args
@@ -158,7 +160,8 @@ def main():
         for start in range(0, len(window), args.batch_size):
             batch = window[start:start + args.batch_size]
             batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
-            gens = generate(model, batch_prompts, params, batch_generator(args.seed, [i for i, *_ in batch], cli.device()))
+            gens = generate(model, batch_prompts, params, batch_generator(args.seed, [i for i, *_ in batch], cli.device()),
+                            cuda_graph=args.cuda_graph)
             ddt = score_completions(model, batch_prompts, gens, pad)
             for j, (i, source, _, answer) in enumerate(batch):
                 mine = gens[j * k:(j + 1) * k]

@@ -59,8 +59,10 @@ def parse_args(argv=None):
                    help="realigned.filtered.jsonl: only rows whose realigned answer matches")
     p.add_argument("--keep-unfinished", action="store_true",
                    help="realigned.filtered.jsonl: also rows that ended by length or repetition")
+    cli.add_decoding_args(p)
     add_stream_args(p)
     args = p.parse_args(argv)
+    cli.check_decoding_args(p, args)
     if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         p.error("--piecewise-bounds H1 H2 needs H1 < H2")
     return args
@@ -104,7 +106,7 @@ def realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis
     data = [row.data for _, row, _ in batch]
     results = hinted_decode(model, tokenizer, [d[args.prompt_key] for d in data],
                             [d[args.response_key] for d in data], params, hint, hint_template,
-                            analysis_template, batch_generator(args.seed, indices, cli.device()))
+                            analysis_template, batch_generator(args.seed, indices, cli.device()), args.cuda_graph)
     # DDT under the plain prompt, exactly as tools/ddt_score.py scores a response.
     # A response cut by length or repetition did not end there: no EOS target when scored.
     realigned = [tokenize_row(tokenizer, {args.prompt_key: row.data[args.prompt_key], args.response_key: r.text},

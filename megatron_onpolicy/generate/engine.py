@@ -3,7 +3,8 @@
 Prompts of different lengths share one batch, left-padded: each row keeps its own position ids
 (0 at its first real token) and pad keys are masked out, so a row generates exactly what it would
 alone. One prefill forward over the prompts, or one per group of them (each prompt one causal
-span, no [B, 1, L, L] mask), then one forward per new token (a [B, 1, 1, Lk] mask of the valid keys)."""
+span, no [B, 1, L, L] mask), then one forward per new token (a [B, 1, 1, Lk] mask of the valid keys),
+or on a GPU one replay of a CUDA graph per new token (DecodeState's cuda_graph)."""
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..model.attention import left_padded_spans
 from ..model.llama import attention_mask
 from ..parallel.mappings import gather_from_tp
-from .cache import KVCache, make_caches
+from .cache import ColumnView, RowsView, make_caches
 from .sampling import sample, seeded_generator
 from .stopping import end_reason
 
@@ -44,21 +45,32 @@ class Generation:
 
 class DecodeState:
     """A batch of left-padded prompts in the model's KV caches; `prefill` then `step` each return
-    the next-token logits [B, V] (full true vocabulary, fp32, identical on every TP rank)."""
+    the next-token logits [B, V] (full true vocabulary, fp32, identical on every TP rank).
 
-    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int):
+    cuda_graph: the decode steps are replays of one CUDA graph, captured at the first step. A small
+    model's step on a GPU is otherwise bound by the host launching each op's kernels
+    (docs/performance.md). A captured step is the same kernels on the same buffers every time: it
+    attends over every column of the cache under the mask rather than over the columns written so
+    far, and its positions and cache column are device tensors that the step itself advances."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, cuda_graph: bool = False):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generation needs at least one prompt and no empty prompt")
         self.model = model
         self.device = next(model.parameters()).device
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"decoding in a CUDA graph needs the model on a CUDA device, not {self.device}")
+        self.cuda_graph, self.graph = cuda_graph, None
         self.prompts = prompts
         batch, width = len(prompts), max(len(p) for p in prompts)
-        max_len = width + max_new_tokens
-        self.caches = make_caches(model, batch, max_len)
+        self.max_len = width + max_new_tokens
+        self.caches = make_caches(model, batch, self.max_len)
         # Position and validity of every cached key, per row (pads: position 0, invalid).
-        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self.key_pos = torch.zeros(batch, self.max_len, dtype=torch.long, device=self.device)
+        self.key_valid = torch.zeros(batch, self.max_len, dtype=torch.bool, device=self.device)
         self.next_pos = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.length = 0  # cache columns written
+        self.col = torch.zeros(1, dtype=torch.long, device=self.device)  # the column the next step writes
 
     def prefill(self, groups=None):
         """groups: lists of rows prefilled by separate forwards, each at its own prompts' width and
@@ -81,40 +93,57 @@ class DecodeState:
             # Pad queries output zeros (not attention over nothing, which would be NaN and leak
             # through pad values as 0 * NaN); the cached pad keys are masked out in every step.
             spans = left_padded_spans([w - len(p) for p in prompts], w)
-            views = [_RowsView(cache, index, width) for cache in self.caches]
+            views = [RowsView(cache, index, width) for cache in self.caches]
             out = last_position_logits(self.model, ids, pos, [spans.with_window(x) for x in self.model.cfg.windows], views)
             if logits is None:
                 logits = out.new_empty(len(self.prompts), out.shape[-1])
             logits[index] = out
-        for cache in self.caches:
-            cache.length = width
+        self.length = width
+        self.col.fill_(width)
         return logits
 
     def step(self, tokens):
         """Feed one token per row ([B]); rows that already stopped may be fed anything."""
-        end = self.caches[0].length
+        if self.length == self.max_len:
+            raise RuntimeError(f"KV cache full: {self.max_len} positions allocated")
+        self.length += 1
+        if not self.cuda_graph:
+            return self._step(tokens, self.length)
+        if self.graph is None:
+            return self._capture(tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+
+    def _step(self, tokens, keys: int):
+        """Write the step's keys and values at column `col`, attend over the first `keys` columns,
+        then advance the positions and the column in place (a replay advances them too)."""
         pos = self.next_pos[:, None]
-        self.next_pos = self.next_pos + 1
-        self.key_pos[:, end], self.key_valid[:, end] = pos[:, 0], True
-        k_pos, k_valid = self.key_pos[:, :end + 1], self.key_valid[:, :end + 1]
+        self.key_pos.index_copy_(1, self.col, pos)
+        self.key_valid.index_fill_(1, self.col, True)
+        k_pos, k_valid = self.key_pos[:, :keys], self.key_valid[:, :keys]
         windows = self.model.cfg.windows
         by_window = {w: attention_mask(pos, k_pos, self.caches[0].k.dtype, w, k_valid) for w in set(windows)}
-        return last_position_logits(self.model, tokens[:, None], pos, [by_window[w] for w in windows], self.caches)
+        views = [ColumnView(cache, self.col, keys) for cache in self.caches]
+        logits = last_position_logits(self.model, tokens[:, None], pos, [by_window[w] for w in windows], views)
+        self.next_pos += 1
+        self.col += 1
+        return logits
 
-
-class _RowsView:
-    """A layer's cache as one prefill group writes it: the group's rows, its keys and values
-    right-aligned to end at `end`; the columns before them, never attended, are zeroed (finite)."""
-
-    def __init__(self, cache: KVCache, rows, end: int):
-        self.cache, self.rows, self.end = cache, rows, end
-
-    def update(self, k, v):
-        start = self.end - k.shape[2]
-        for full, new in ((self.cache.k, k), (self.cache.v, v)):
-            full[self.rows, :, :start] = 0
-            full[self.rows, :, start:self.end] = new
-        return k, v  # a prefill attends within its own prompts only
+    def _capture(self, tokens):
+        """The first step runs eagerly over all columns on a side stream (a graph's kernels must
+        have run once: cuBLAS workspaces, lazy initialisation); capturing the same step records it
+        without running it, so the caches, positions and column are advanced by one step only."""
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._step(self.tokens, self.max_len)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(self.tokens, self.max_len)
+        return logits
 
 
 def last_position_logits(model, ids, pos, masks, caches):
@@ -126,10 +155,11 @@ def last_position_logits(model, ids, pos, masks, caches):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, generator=None,
-             tokenizer=None, stop_strings=()) -> list[Generation]:
+             tokenizer=None, stop_strings=(), cuda_graph: bool = False) -> list[Generation]:
     """Continue every prompt (token ids) until EOS, a repetition loop, a stop string (needs
-    `tokenizer`), or max_new_tokens. Collective calls inside the model: call on every TP rank."""
-    state = DecodeState(model, prompts, params.max_new_tokens)
+    `tokenizer`), or max_new_tokens. Collective calls inside the model: call on every TP rank.
+    cuda_graph: see DecodeState."""
+    state = DecodeState(model, prompts, params.max_new_tokens, cuda_graph)
     if generator is None:
         generator = seeded_generator(params.seed, state.device)
     outputs = [[] for _ in prompts]

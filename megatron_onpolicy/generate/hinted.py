@@ -62,16 +62,18 @@ def lam_schedule(h, cfg: HintConfig):
 
 @torch.no_grad()
 def hinted_generate(model, tokenizer, hinted_prompts: list[list[int]], plain_prompts: list[list[int]],
-                    params: SamplingParams, hint: HintConfig, generator=None) -> list[HintedResult]:
+                    params: SamplingParams, hint: HintConfig, generator=None,
+                    cuda_graph: bool = False) -> list[HintedResult]:
     """Hinted decoding from prompt ids, one result per (hinted, plain) pair.
 
-    `tokenizer` only decodes (splitter detection, result text). Call on every TP rank."""
+    `tokenizer` only decodes (splitter detection, result text). Call on every TP rank.
+    cuda_graph: the decode steps replay one CUDA graph (engine.DecodeState)."""
     if len(hinted_prompts) != len(plain_prompts):
         raise ValueError(f"{len(hinted_prompts)} hinted prompts but {len(plain_prompts)} plain prompts")
     n = len(hinted_prompts)
     # Rows 2i / 2i+1: the hinted / plain stream of example i.
     state = DecodeState(model, [p for pair in zip(hinted_prompts, plain_prompts) for p in pair],
-                        params.max_new_tokens)
+                        params.max_new_tokens, cuda_graph)
     if generator is None:
         generator = seeded_generator(params.seed, state.device)
     log_v = math.log(model.cfg.vocab_size)
@@ -106,7 +108,7 @@ def hinted_generate(model, tokenizer, hinted_prompts: list[list[int]], plain_pro
 
 
 def write_analysis(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-                   hint: HintConfig) -> list[list[int]]:
+                   hint: HintConfig, cuda_graph: bool = False) -> list[list[int]]:
     """First stage: greedy analysis of the reference, as token ids ending with the marker.
 
     An analysis that stops without writing the marker (EOS, length, loop) gets it appended, so the
@@ -115,7 +117,8 @@ def write_analysis(model, tokenizer, prompts: list[list[int]], params: SamplingP
                             eos_ids=params.eos_ids, repeat_window=params.repeat_window,
                             repeat_count=params.repeat_count, seed=params.seed)
     prefixes = []
-    for g in generate(model, prompts, greedy, tokenizer=tokenizer, stop_strings=(hint.analysis_marker,)):
+    for g in generate(model, prompts, greedy, tokenizer=tokenizer, stop_strings=(hint.analysis_marker,),
+                      cuda_graph=cuda_graph):
         ids = g.tokens
         if g.end_reason != "stop-string":
             ids = ids[:-1] if g.end_reason == "eos" else ids
@@ -126,7 +129,7 @@ def write_analysis(model, tokenizer, prompts: list[list[int]], params: SamplingP
 
 def hinted_decode(model, tokenizer, questions: list[str], answers: list[str], params: SamplingParams,
                   hint: HintConfig, hint_template: str = None, analysis_template: str = None,
-                  generator=None) -> list[HintedResult]:
+                  generator=None, cuda_graph: bool = False) -> list[HintedResult]:
     """Hinted decoding of (question, reference answer) pairs; templates default to the packaged
     ones. With hint.analysis the hinted stream's response starts with its analysis (written under
     the analysis template), placed right after the hinted prompt's generation prompt."""
@@ -139,10 +142,11 @@ def hinted_decode(model, tokenizer, questions: list[str], answers: list[str], pa
     if hint.analysis:
         analysis_template = analysis_template or load_template(None, "analysis")
         prefixes = write_analysis(model, tokenizer, [hinted_prompt_ids(tokenizer, analysis_template, q, a)
-                                                     for q, a in zip(questions, answers)], params, hint)
+                                                     for q, a in zip(questions, answers)], params, hint,
+                                  cuda_graph)
         hinted = [h + p for h, p in zip(hinted, prefixes)]
         analyses = [tokenizer.decode(p, skip_special_tokens=False) for p in prefixes]
-    results = hinted_generate(model, tokenizer, hinted, plain, params, hint, generator)
+    results = hinted_generate(model, tokenizer, hinted, plain, params, hint, generator, cuda_graph)
     for r, a in zip(results, analyses):
         r.analysis = a
     return results
