@@ -7,6 +7,8 @@
   ours-ce    launch/pretrain_idft.py --loss ce (run in the wrapper process, as `python` runs it), with
              ds_configs/zero0_fp32.json, what one fp32 rank needs (--deepspeed-config: another)
   ours-idft  the same, --loss idft
+  ours-ce-unfused   ours-ce with --no-fused-loss (the head's logits built whole): the fused loss's
+             share of a step (opt-in)
   ours-pad / ours-pack   --loss idft on variable-length data (responses repeated 1 to 4 times),
              padded micro-batches of --pad-batch rows vs --pack rows of --pack-length tokens
   ours-pack-flex   ours-pack with --attention-backend flex (GPU: one compiled flex_attention call
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ENTRY = ROOT / "launch" / "pretrain_idft.py"
-CASES = ("hf", "ours-ce", "ours-idft", "ours-pad", "ours-pack", "ours-pack-flex")
+CASES = ("hf", "ours-ce", "ours-idft", "ours-pad", "ours-pack", "ours-pack-flex", "ours-ce-unfused")
 
 
 def trainer_argv(case: str, a, tmp: Path) -> list:
@@ -43,9 +45,10 @@ def trainer_argv(case: str, a, tmp: Path) -> list:
     batch = 1 if pack else a.pad_batch if case == "ours-pad" else a.batch
     return ["--model", "smollm2-135m", "--train-data", str(data), "--seq-length", str(a.pack_length if pack else 2048),
             "--micro-batch-size", str(batch), "--global-batch-size", str(batch), "--train-iters", str(iters),
-            "--loss", "ce" if case == "ours-ce" else "idft", "--lr", "1e-5",
+            "--loss", "ce" if case.startswith("ours-ce") else "idft", "--lr", "1e-5",
             "--tensorboard-dir", str(tmp / case), "--deepspeed_config", a.deepspeed_config,
-            *(["--pack"] if pack else []), *(["--attention-backend", "flex"] if case.endswith("-flex") else [])]
+            *(["--pack"] if pack else []), *(["--attention-backend", "flex"] if case.endswith("-flex") else []),
+            *(["--no-fused-loss"] if case.endswith("-unfused") else [])]
 
 
 def run_ours(case: str, a, tmp: Path) -> dict:
@@ -115,8 +118,8 @@ def main():
     p.add_argument("--pad-batch", type=int, default=2, help="ours-pad: padded rows a batch")
     p.add_argument("--pack-length", type=int, default=1024)
     p.add_argument("--pack-iters", type=int, default=4)
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:-1]),
-                   help="default: all but ours-pack-flex (the same as ours-pack off CUDA)")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:-2]),
+                   help="default: all but ours-pack-flex (the same as ours-pack off CUDA) and ours-ce-unfused")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all cases; the table shows each case's median")
     p.add_argument("--profile", choices=CASES)
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "zero0_fp32.json"), help="ours-* cases")

@@ -39,8 +39,8 @@ part2() {
     TORCH_LOGS=recompiles timeout 170 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
         --pack-length 2048 --pack-iters 12 --cases hf ours-ce ours-idft ours-pad ours-pack ours-pack-flex
     step trainer bf16
-    TORCH_LOGS=recompiles timeout 170 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
-        --pack-length 2048 --pack-iters 12 --cases ours-ce ours-idft ours-pad ours-pack ours-pack-flex \
+    TORCH_LOGS=recompiles timeout 200 $PY bench/bench_trainer.py --rows 96 --batch 8 --pad-batch 4 \
+        --pack-length 2048 --pack-iters 12 --cases ours-ce ours-ce-unfused ours-idft ours-pad ours-pack ours-pack-flex \
         --deepspeed-config ds_configs/zero1_bf16.json
     step recompute; timeout 100 $PY bench/bench_recompute.py --tp 1 --seq-length 4096 --iters 3
     step fused loss bf16, the two passes of a TP rank
