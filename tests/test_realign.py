@@ -1,4 +1,5 @@
 """tools/realign_distributed.py: sharded hinted decoding that survives a killed rank."""
+import importlib.util
 import json
 import signal
 import subprocess
@@ -142,10 +143,18 @@ def test_filtered_output_and_template_errors(tiny_model, tmp_path):
     assert bad.returncode != 0
     assert "realign_distributed: error:" in bad.stderr and "{answer}" in bad.stderr and "bad.txt" in bad.stderr
     assert not (tmp_path / "bad").exists()
-    if not torch.cuda.is_available():  # on a GPU, tests/test_gpu.py runs the graphs
-        no_gpu = run("--out-dir", str(tmp_path / "graph"), "--cuda-graph")
-        assert no_gpu.returncode != 0 and "--cuda-graph needs a CUDA device" in no_gpu.stderr
-        assert not (tmp_path / "graph").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+@pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
+def test_cuda_graph_needs_a_cuda_device(tool, required, capsys):
+    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.parse_args(["--data", "x.jsonl", *required])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--data", "x.jsonl", *required, "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_shard_writer_cuts_a_torn_line(tmp_path):
