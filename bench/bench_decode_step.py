@@ -9,7 +9,6 @@ case a fresh process, the rounds interleaved, and prints the medians and their r
     .venv/bin/python bench/bench_decode_step.py [--trees DIR ...] [--repeat 3]
 """
 import argparse
-import collections
 import os
 import statistics
 import subprocess
@@ -24,19 +23,10 @@ def one(tree, model_dir, steps):
     """`ops time_ms` of one step of `tree`'s DecodeState, in this (fresh) process."""
     sys.path.insert(0, tree)
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from cases import OpCount  # bench/cases.py
 
     from megatron_onpolicy.generate.engine import DecodeState
     from megatron_onpolicy.model.loader import load_model
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n[func] += 1
-            return func(*args, **(kwargs or {}))
 
     torch.set_num_threads(1)
     model, _ = load_model(model_dir)
@@ -47,7 +37,7 @@ def one(tree, model_dir, steps):
         state.prefill()
         for _ in range(5):
             state.step(tok)
-        with Count() as count:
+        with OpCount() as count:
             state.step(tok)
         start = time.perf_counter()
         for _ in range(steps):

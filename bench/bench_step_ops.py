@@ -9,10 +9,9 @@ micro-batch of 2 bundled rows; also the host seconds of each phase on this machi
     .venv/bin/python bench/bench_step_ops.py [--configs zero0_fp32 zero1_fp32 zero1_bf16] [--model M]
 """
 import argparse
-import collections
+import contextlib
 import json
 import runpy
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,44 +21,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ENTRY = ROOT / "launch" / "pretrain_idft.py"
 SYNCS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default")
+PHASES = ("forward", "backward", "step")
 
 
 def count_one(config: str, model: str, tmp: str) -> dict:
     """Run the trainer here, counting the second iteration's ops by phase."""
-    import torch  # noqa: F401 (before the trainer, for the dispatch mode)
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from cases import OpCount  # bench/cases.py
 
     import megatron_onpolicy.train.loop as loop
     from megatron_onpolicy.train.engine import _to
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
+    phases = {phase: {"ops": 0, "syncs": 0, "s": 0.0} for phase in PHASES}
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n[str(func)] += 1
-            return func(*args, **(kwargs or {}))
+    @contextlib.contextmanager
+    def counting(phase):
+        mode, t0 = OpCount(), time.perf_counter()
+        with mode:
+            yield
+        phases[phase]["ops"] += sum(mode.n.values())
+        phases[phase]["syncs"] += sum(mode.n[s] for s in SYNCS)
+        phases[phase]["s"] += time.perf_counter() - t0
 
-    phases, calls, step = {}, [0], loop.train_step
+    calls, step = [0], loop.train_step
 
-    def counted(engine, micro_batches):  # train_step's P = 1 path, each call of it counted
+    def counted(engine, micro_batches):  # train_step's P = 1 path, its second call counted
         calls[0] += 1
         if calls[0] != 2:
             return step(engine, micro_batches)
         engine.train()
         for inputs, labels in micro_batches:
-            out = {}
-            for phase, run in (("forward", lambda: out.setdefault("loss", engine(_to(inputs, engine.device),
-                                                                                  _to(labels, engine.device)))),
-                               ("backward", lambda: engine.backward(out["loss"])), ("step", engine.step)):
-                mode, t0 = Count(), time.perf_counter()
-                with mode:
-                    run()
-                got = phases.setdefault(phase, {"ops": 0, "syncs": 0, "s": 0.0})
-                got["ops"] += sum(mode.n.values())
-                got["syncs"] += sum(mode.n[s] for s in SYNCS)
-                got["s"] += time.perf_counter() - t0
+            with counting("forward"):
+                loss = engine(_to(inputs, engine.device), _to(labels, engine.device))
+            with counting("backward"):
+                engine.backward(loss)
+            with counting("step"):
+                engine.step()
 
     loop.train_step = counted
     sys.argv = [str(ENTRY), "--model", model, "--train-data", str(ROOT / "data" / "math_sft.jsonl"),
@@ -78,20 +74,18 @@ def main():
     a = p.parse_args()
     if a.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print("RESULT " + json.dumps(count_one(a.one, a.model, tmp)))
+            print(json.dumps(count_one(a.one, a.model, tmp)))
         return
+    from cases import case_in_subprocess  # bench/cases.py
+
     print("| config | forward ops | backward ops | step ops | host syncs | forward / backward / step host s |")
     print("|---|---|---|---|---|---|")
     for config in a.configs:
-        out = subprocess.run([sys.executable, __file__, "--one", config, "--model", a.model], cwd=ROOT,
-                             capture_output=True, text=True)
-        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not lines:
-            sys.exit(f"{config} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-        r = json.loads(lines[-1][7:])
-        print(f"| {config} | " + " | ".join(str(r[x]["ops"]) for x in ("forward", "backward", "step"))
-              + f" | {sum(x['syncs'] for x in r.values())} | "
-              + " / ".join(f"{r[x]['s']:.2f}" for x in ("forward", "backward", "step")) + " |", flush=True)
+        r = case_in_subprocess(__file__, config, ["--one", config, "--model", a.model])
+        if r is not None:
+            print(f"| {config} | " + " | ".join(str(r[x]["ops"]) for x in PHASES)
+                  + f" | {sum(x['syncs'] for x in r.values())} | "
+                  + " / ".join(f"{r[x]['s']:.2f}" for x in PHASES) + " |", flush=True)
 
 
 if __name__ == "__main__":

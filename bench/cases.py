@@ -1,10 +1,13 @@
-"""Shared by the benches: one case measured in a fresh process, so each peak RSS starts clean, and
-the peak memory of what runs after a mark (CPU: peak RSS; GPU: the caching allocator's peak)."""
+"""Shared by the benches: one case measured in a fresh process, so each peak RSS starts clean, the
+peak memory of what runs after a mark (CPU: peak RSS; GPU: the caching allocator's peak), and the
+aten ops a piece of code dispatches."""
+import collections
 import json
 import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def case_in_subprocess(script: str, label: str, args: list):
@@ -40,3 +43,16 @@ def peak_since(mark: int) -> int:
     """Peak memory above `mark` since memory_mark() returned it (bytes)."""
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else status_kb("VmHWM") * 1024
     return peak - mark
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it, by name: where the host bounds a GPU's step, each
+    is about one kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n[str(func)] += 1
+        return func(*args, **(kwargs or {}))
