@@ -51,7 +51,7 @@ part2() {
 decode() {
     step decoding tests
     timeout 60 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
-        -k "generation or cuda_graph" 2>&1 | tail -60
+        -k "generation or cuda_graph or host_copy" 2>&1 | tail -60
     step decoding, eager and in a CUDA graph
     timeout 120 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 \
         --batches 1 8 32 --cuda-graph

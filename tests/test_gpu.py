@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from megatron_onpolicy.ddt import fused
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
-from megatron_onpolicy.generate.engine import DecodeState
+from megatron_onpolicy.generate.engine import DecodeState, HostCopy
 from megatron_onpolicy.model import attention
 from megatron_onpolicy.model.attention import attend, packed_spans
 from megatron_onpolicy.model.loader import load_model
@@ -204,6 +204,19 @@ def test_decoding_in_a_cuda_graph_equals_eager(tmp_path, kind):
         runs = [[r.tokens for r in hinted_generate(model, IdTokenizer(), hints, prompts, params, HintConfig(),
                                                     cuda_graph=c)] for c in (False, True)]
         assert runs[0] == runs[1]
+
+
+def test_host_copy_waits_for_its_copies_only():
+    """A decode loop reads a step's tokens while the device runs the next forward (HostCopy): the
+    copies arrive whole, and reading them does not wait for the work queued after them."""
+    tokens, lam = torch.arange(5, device=GPU) * 7, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], device=GPU)
+    host = HostCopy(tokens, lam)
+    torch.cuda._sleep(2_000_000_000)  # a kernel that spins for about a second, queued after the copies
+    later = torch.cuda.Event()
+    later.record()
+    assert host.lists() == [[0, 7, 14, 21, 28], [0.0, 0.25, 0.5, 0.75, 1.0]]
+    assert not later.query(), "reading the copies waited for the work queued after them"
+    torch.cuda.synchronize()
 
 
 # name: (loss, fused, tied, DeepSpeed config)

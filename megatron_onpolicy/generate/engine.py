@@ -146,6 +146,29 @@ class DecodeState:
         return logits
 
 
+class HostCopy:
+    """Device tensors copied to the host without waiting for them.
+
+    A decode loop copies a step's tokens, queues the next step's forward, then reads the copies:
+    they were queued first, so reading waits for them alone, and the host checks every row's stop
+    (EOS, repetition, stop strings, the splitter) while the device runs that forward. A plain
+    `.tolist()` after the forward would wait for the forward too. Where all rows stop at once, the
+    forward queued for them is wasted: one step a batch."""
+
+    def __init__(self, *tensors):
+        # Device-to-host with non_blocking lands in pinned memory: a true asynchronous copy.
+        self.tensors = [t.to("cpu", non_blocking=True) for t in tensors]
+        self.done = None
+        if tensors[0].is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def lists(self):
+        if self.done is not None:
+            self.done.synchronize()
+        return [t.tolist() for t in self.tensors]
+
+
 def last_position_logits(model, ids, pos, masks, caches):
     """Full-vocab fp32 logits [B, V] of the last position: only that position's shard is gathered
     over TP, and padded vocabulary columns are dropped."""
@@ -167,12 +190,14 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, generator=
     logits = state.prefill()
     for step in range(params.max_new_tokens):
         tokens = sample(logits, params.temperature, params.top_p, params.top_k, generator)
-        for i, t in enumerate(tokens.tolist()):
+        host, last = HostCopy(tokens), step == params.max_new_tokens - 1
+        if not last:
+            logits = state.step(tokens)  # queued before the host reads the tokens: see HostCopy
+        for i, t in enumerate(*host.lists()):
             if reasons[i] is None:
                 outputs[i].append(t)
                 reasons[i] = end_reason(outputs[i], params.eos_ids, params.repeat_window,
                                         params.repeat_count, tokenizer, stop_strings)
-        if all(reasons) or step == params.max_new_tokens - 1:
+        if all(reasons) or last:
             break
-        logits = state.step(tokens)
     return [Generation(out, r or "max-length") for out, r in zip(outputs, reasons)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import DecodeState, SamplingParams, generate
+from .engine import DecodeState, HostCopy, SamplingParams, generate
 from .sampling import sample, seeded_generator
 from .stopping import end_reason, text_appeared
 from .templates import hinted_prompt_ids, load_template, plain_prompt_ids
@@ -79,28 +79,32 @@ def hinted_generate(model, tokenizer, hinted_prompts: list[list[int]], plain_pro
     log_v = math.log(model.cfg.vocab_size)
     outputs, lams = [[] for _ in range(n)], [[] for _ in range(n)]
     reasons = [None] * n
-    plain_only = [False] * n  # the splitter has been written
+    # The splitter has been written: on the host, and on the device for the mixing (written once a row).
+    switched, plain_only = [False] * n, torch.zeros(n, dtype=torch.bool, device=state.device)
     logits = state.prefill(groups=[range(0, 2 * n, 2), range(1, 2 * n, 2)])  # each stream at its own width
     for step in range(params.max_new_tokens):
         logp = logits.log_softmax(dim=-1)
         logp_hint, logp_plain = logp[0::2], logp[1::2]
         entropy = -(logp_hint.exp() * logp_hint).sum(dim=-1)  # of the untempered hinted stream
         lam = torch.zeros(n, device=state.device) if step == 0 else lam_schedule(entropy / log_v, hint)
-        lam = torch.where(torch.tensor(plain_only, device=state.device), 1.0, lam)
+        lam = torch.where(plain_only, 1.0, lam)
         mixed = ((1 - lam)[:, None] * logp_hint + lam[:, None] * logp_plain).log_softmax(dim=-1)
         tokens = sample(mixed, params.temperature, params.top_p, params.top_k, generator)
-        for i, (t, l) in enumerate(zip(tokens.tolist(), lam.tolist())):
+        host, last = HostCopy(tokens, lam), step == params.max_new_tokens - 1
+        if not last:
+            logits = state.step(tokens.repeat_interleave(2))  # queued before the host reads: HostCopy
+        for i, (t, l) in enumerate(zip(*host.lists())):
             if reasons[i] is not None:
                 continue
             outputs[i].append(t)
             lams[i].append(l)
             reasons[i] = end_reason(outputs[i], params.eos_ids, params.repeat_window, params.repeat_count)
-            # The switch applies from the next step on; it is sticky.
-            if hint.splitter and not plain_only[i] and text_appeared(tokenizer, outputs[i], hint.splitter):
+            # The switch applies from the next step's mixing on; it is sticky.
+            if hint.splitter and not switched[i] and text_appeared(tokenizer, outputs[i], hint.splitter):
+                switched[i] = True
                 plain_only[i] = True
-        if all(reasons) or step == params.max_new_tokens - 1:
+        if all(reasons) or last:
             break
-        logits = state.step(tokens.repeat_interleave(2))
     return [HintedResult(text=_response_text(tokenizer, out, params.eos_ids), tokens=out,
                          end_reason=r or "max-length", n_tokens=len(out),
                          mean_lam=sum(l) / len(l), lams=l)
