@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_onpolicy.data import collate, pack, read_rows, tokenize_row
@@ -167,6 +168,33 @@ def test_left_padded_prompts_attend_within_themselves(window):
         assert not out[r, :, :p].any(), "pad queries output zeros"
 
 
+@pytest.mark.parametrize("heads", [(6, 2), (6, 3), (6, 6)], ids=["gqa3", "gqa2", "mha"])
+def test_a_decode_step_attends_like_the_dense_reference(heads):
+    """One query a row against a cache of keys, some masked (pads, unwritten columns), as decode
+    steps run it: GQA folds a group's query heads into one K/V head's rows, which must keep query
+    head i on K/V head i // group."""
+    H, Hk = heads
+    torch.manual_seed(2)
+    B, L, D = 3, 10, 8
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
+    ok = torch.rand(B, 1, L) < 0.6
+    ok[:, :, 0] = True  # every row has a key
+    mask = torch.zeros(B, 1, 1, L).masked_fill(~ok[:, None], float("-inf"))  # additive, as attention_mask
+    out = attend(q, k, v, mask, gqa=H != Hk)
+    torch.testing.assert_close(out, dense(q, k, v, ok), rtol=0, atol=1e-6)
+    if H == Hk:
+        return
+    # SDPA's math kernel, which CUDA runs in fp32 for `enable_gqa`, copies K and V to every query
+    # head: the fold runs no op that outputs a tensor that large, where `enable_gqa` does.
+    for old in (False, True):
+        with sdpa_kernel(SDPBackend.MATH), OutputSizes() as seen:
+            if old:
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            else:
+                attend(q, k, v, mask, gqa=True)
+        assert (max(seen.numels) >= B * H * L * D) == old, max(seen.numels)
+
+
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("attn")
@@ -198,6 +226,20 @@ def test_packed_model_equals_transformers_per_document_and_mask_path_gradients(h
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+class OutputSizes(TorchDispatchMode):
+    """Records the number of elements of every aten op's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                        if isinstance(t, torch.Tensor)]
+        return out
 
 
 class TwoLongDims(TorchDispatchMode):

@@ -9,7 +9,8 @@ A span is one `is_causal` SDPA call on its part of q, k, v: exact (nothing outsi
 the softmax), the fast kernel, no mask at all. A window longer than its span is plain causality;
 a shorter one runs query blocks of b rows against the keys of the blocks the window reaches
 (b + window - 1 of them, rounded up to whole blocks) with one shared band mask of that size. K/V
-are not expanded for GQA (`enable_gqa`), except in fp32 on CUDA (`_sdpa`). Rows with the same cut
+are not expanded for GQA (`enable_gqa`), except in fp32 on CUDA (`_sdpa`); a decode step folds a
+group's queries into one K/V head's query rows instead (`_one_query`). Rows with the same cut
 are one batched call.
 With the `flex` backend (`set_backend`, the trainer's `--attention-backend flex`), CUDA runs
 packed and windowed rows instead as one compiled flex_attention call on a document + causal
@@ -91,6 +92,8 @@ def attend(q, k, v, how, gqa: bool):
     if how is None:
         return _sdpa(q, k, v, gqa, is_causal=True)
     if isinstance(how, torch.Tensor):
+        if gqa and q.shape[2] == 1:
+            return _one_query(q, k, v, how)
         return _sdpa(q, k, v, gqa, attn_mask=how)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"spans need as many keys as queries, got {k.shape[2]} keys for {q.shape[2]} queries")
@@ -181,14 +184,24 @@ def block_mask(how: Spans, length: int, device):
                                     mask_mod=mask_mod, seq_lengths=(length, length))
 
 
+def _one_query(q, k, v, mask):
+    """A decode step's GQA attention: the one query of each head of a group becomes a query row of
+    the group's K/V head, [B, H, 1, D] -> [B, H_kv, H / H_kv, D] (query head i reads K/V head
+    i // (H / H_kv), as `enable_gqa` has it). The same sums, and no kernel expands K/V: on CUDA in
+    fp32 `enable_gqa` runs SDPA's math kernel, which copies the layer's whole cache to do so, where
+    equal head counts run the memory-efficient one. mask [B, 1, 1, Lk] covers the group's rows."""
+    b, h, _, d = q.shape
+    out = F.scaled_dot_product_attention(q.view(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=mask)
+    return out.view(b, h, 1, d)
+
+
 def _sdpa(q, k, v, gqa: bool, **kwargs):
     """SDPA with K/V heads shared by groups of query heads. On CUDA in fp32 no fused kernel takes
     `enable_gqa` (flash wants 16-bit inputs, the memory-efficient kernel equal head counts), and SDPA
     falls silently to the math kernel, which builds [B, H, Lq, Lk] (pytorch/pytorch#181528; 2.5 GB
-    for one 4k row of SmolLM2 on an H100, docs/performance.md): there K/V are expanded instead,
-    except for a decode step (Lq = 1), where the math kernel's scores are one row and expanding
-    would copy the whole cache."""
-    if gqa and q.is_cuda and q.dtype == torch.float32 and q.shape[2] > 1 and k.shape[1] != q.shape[1]:
+    for one 4k row of SmolLM2 on an H100, docs/performance.md): there K/V are expanded instead
+    (a decode step's one query never comes here: `_one_query`)."""
+    if gqa and q.is_cuda and q.dtype == torch.float32 and k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
