@@ -19,7 +19,10 @@ QUESTIONS = ["Name one color of the sky.", "Say hello in French.", "What is 3 pl
 
 
 def launch(n, *args, timeout=600):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), TOOL, *args] if n else [sys.executable, TOOL, *args]
+    """n ranks under torchrun (tests/test_ddt_score_stream.py starts the tool with deepspeed's
+    launcher, whose two processes of its own cost ~5 s of CPU a run), or one plain process (n 0)."""
+    cmd = ([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", TOOL, *args] if n
+           else [sys.executable, TOOL, *args])
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,28 +32,30 @@ def read_jsonl(path):
 
 def model_samples():
     """Answers sampled from the model itself (temperature 1, full vocabulary) by transformers'
-    own generate: an independent source of on-policy text. Only answers that ended with EOS and
-    survive a decode/encode round trip are kept, so the scored tokens are exactly the sampled ones."""
+    own generate: an independent source of on-policy text. Four answers a question, all questions
+    in one left-padded batch. Only answers that ended with EOS and survive a decode/encode round
+    trip are kept, so the scored tokens are exactly the sampled ones."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     torch.manual_seed(0)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=True)["input_ids"] for q in QUESTIONS]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.eos_token_id] * (width - len(p)) + p for p in prompts for _ in range(4)])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(4)])
+    out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=48, pad_token_id=tok.eos_token_id)
     rows = []
-    for q in QUESTIONS:
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                         tokenize=True)["input_ids"]
-        out = model.generate(torch.tensor([prompt] * 4), attention_mask=torch.ones(4, len(prompt), dtype=torch.long),
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=48,
-                             pad_token_id=tok.eos_token_id)
-        for ids in out[:, len(prompt):].tolist():
-            if tok.eos_token_id not in ids:
-                continue
-            ids = ids[:ids.index(tok.eos_token_id)]
-            text = tok.decode(ids)
-            if ids and tok(text, add_special_tokens=False).input_ids == ids:
-                rows.append({"prompt": q, "response": text, "source": "model"})
+    for k, ids in enumerate(out[:, width:].tolist()):
+        if tok.eos_token_id not in ids:
+            continue
+        ids = ids[:ids.index(tok.eos_token_id)]
+        text = tok.decode(ids)
+        if ids and tok(text, add_special_tokens=False).input_ids == ids:
+            rows.append({"prompt": QUESTIONS[k // 4], "response": text, "source": "model"})
     return rows
 
 

@@ -14,7 +14,7 @@ from tests.test_realign import kill_a_rank, tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+DEEPSPEED, TORCHRUN = (str(Path(sys.executable).parent / name) for name in ("deepspeed", "torchrun"))
 sys.path.insert(0, str(ROOT / "tools"))
 from evaluate import pass_at_k  # noqa: E402
 
@@ -76,7 +76,8 @@ def test_tp3_equals_tp1_greedy_on_smollm2(tmp_path):
     one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "tp1.jsonl")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    three = subprocess.run([DEEPSPEED, "--num_gpus", "3", "--master_port", str(free_port())] + common
+    # torchrun: the killed-run test below starts the tool with deepspeed's launcher.
+    three = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=3"] + common
                            + ["--out", str(tmp_path / "tp3.jsonl"), "--tensor-model-parallel-size", "3"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]

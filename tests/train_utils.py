@@ -53,8 +53,7 @@ def launch(n, *args, runner="deepspeed", script=ENTRY, timeout=600):
         cmd = [str(BIN / "mpirun"), "-np", str(n), sys.executable, script]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), script]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # MPICH's hydra proxy
-    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def _slurm_step(n, cmd, timeout):
