@@ -1,7 +1,7 @@
 """What the trainer applies: one optimizer step of each objective (ce, dft, idft, eaft), fused and
 unfused, in several layouts (T, P, DP, gradient accumulation), tied and untied heads, compared
 weight by weight with a dense single-process step written independently of megatron_onpolicy.ddt:
-transformers' LlamaForCausalLM, the loss from log_softmax by hand, torch's AdamW.
+transformers' own model (AutoModelForCausalLM), the loss from log_softmax by hand, torch's AdamW.
 
 Adam's first step is lr * g / (|g| + eps): with eps far above every |g| it is lr / eps * g, linear
 in the gradient, so a wrongly scaled or weighted loss moves the weights differently (with the
@@ -23,18 +23,20 @@ from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 ROWS = 4      # one global batch: the first iteration sees every row
 EPS = 1e4  # above every |g|: the update lr * g / (|g| + eps) is lr / eps * g
-# name: (processes, T, P, micro-batch, loss, fused, tied, ZeRO stage); global batch ROWS,
-# DP = processes / (T * P). At stage 0 and DP = 1 DeepSpeed's gradient all-reduce is skipped
+# name: (processes, T, P, micro-batch, loss, fused, model, ZeRO stage); global batch ROWS,
+# DP = processes / (T * P). Models: a Llama with a tied or an untied head, a Qwen3 (tied), whose
+# q / k norms each TP rank applies to its own heads. At stage 0 and DP = 1 DeepSpeed's gradient all-reduce is skipped
 # (train/engine.py); at DP = 2 it must not be.
 RUNS = {
-    "ce-1-fused": (0, 1, 1, 4, "ce", True, True, 1),
-    "idft-gas4-fused-zero0": (0, 1, 1, 1, "idft", True, True, 0),
-    "dft-gas2-unfused": (0, 1, 1, 2, "dft", False, True, 1),
-    "eaft-tp2-fused": (2, 2, 1, 4, "eaft", True, True, 1),
-    "idft-tp2-unfused-untied": (2, 2, 1, 2, "idft", False, False, 1),
-    "idft-pp2-fused-untied-zero0": (2, 1, 2, 2, "idft", True, False, 0),
-    "eaft-dp2-gas2-unfused": (2, 1, 1, 1, "eaft", False, True, 1),
-    "dft-dp2-fused-zero0": (2, 1, 1, 2, "dft", True, True, 0),
+    "ce-1-fused": (0, 1, 1, 4, "ce", True, "tied", 1),
+    "idft-gas4-fused-zero0": (0, 1, 1, 1, "idft", True, "tied", 0),
+    "dft-gas2-unfused": (0, 1, 1, 2, "dft", False, "tied", 1),
+    "eaft-tp2-fused": (2, 2, 1, 4, "eaft", True, "tied", 1),
+    "idft-tp2-unfused-untied": (2, 2, 1, 2, "idft", False, "untied", 1),
+    "idft-pp2-fused-untied-zero0": (2, 1, 2, 2, "idft", True, "untied", 0),
+    "eaft-dp2-gas2-unfused": (2, 1, 1, 1, "eaft", False, "tied", 1),
+    "dft-dp2-fused-zero0": (2, 1, 1, 2, "dft", True, "tied", 0),
+    "ce-tp2-fused-qwen3": (2, 2, 1, 4, "ce", True, "qwen3", 1),
 }
 
 
@@ -44,14 +46,15 @@ def setup(tmp_path_factory):
     rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(rows[:ROWS]))
     return SimpleNamespace(tmp=tmp, train=tmp / "train.jsonl",
-                           models={True: peaked(make_tiny_model(tmp / "tied", layers=2)),
-                                   False: peaked(make_tiny_model(tmp / "untied", layers=2, tied=False, seed=1))})
+                           models={"tied": peaked(make_tiny_model(tmp / "tied", layers=2)),
+                                   "untied": peaked(make_tiny_model(tmp / "untied", layers=2, tied=False, seed=1)),
+                                   "qwen3": peaked(make_tiny_model(tmp / "qwen3", layers=2, seed=2, kind="qwen3"))})
 
 
 def peaked(folder):
     """Logits with a spread like a trained model's: at random init every p_y is about 1 / V, so the
     dft / idft / eaft weights would be near constants and their gradients tiny."""
-    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(4)
     model.save_pretrained(folder)
@@ -59,9 +62,9 @@ def peaked(folder):
 
 
 def train_one_step(s, name, lr):
-    n, tp, pp, micro, kind, fused, tied, zero = RUNS[name]
+    n, tp, pp, micro, kind, fused, model, zero = RUNS[name]
     out = s.tmp / name
-    result = launch(n, "--model", s.models[tied], "--train-data", s.train, "--seq-length", 256,
+    result = launch(n, "--model", s.models[model], "--train-data", s.train, "--seq-length", 256,
                     "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
                     "--micro-batch-size", micro, "--global-batch-size", ROWS, "--train-iters", 1,
                     "--loss", kind, *(() if fused else ("--no-fused-loss",)), "--loss-chunk-size", 37,
@@ -80,7 +83,7 @@ def train_one_step(s, name, lr):
 def dense_step(folder, train, kind):
     """The reference: every row in one batch, the mean over all loss tokens, one AdamW step.
     -> (updated weights, loss, lr)"""
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     b = collate([tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(train))], 0)
     logq = model(b["input_ids"]).logits.double().log_softmax(-1)  # right padding: real positions unaffected
@@ -105,11 +108,11 @@ def steps(setup):
     references, results = {}, {}
 
     def get(name):
-        kind, tied = RUNS[name][4], RUNS[name][6]
-        if (kind, tied) not in references:
-            references[kind, tied] = dense_step(setup.models[tied], setup.train, kind)
+        kind, model = RUNS[name][4], RUNS[name][6]
+        if (kind, model) not in references:
+            references[kind, model] = dense_step(setup.models[model], setup.train, kind)
         if name not in results:
-            ref, ref_loss, lr = references[kind, tied]
+            ref, ref_loss, lr = references[kind, model]
             results[name] = (*train_one_step(setup, name, lr), ref, ref_loss)
         return results[name]
     return get
@@ -118,8 +121,9 @@ def steps(setup):
 @pytest.mark.parametrize("name", RUNS)
 def test_one_step_updates_the_weights_like_the_dense_reference(setup, steps, name):
     trained, metrics, ref, ref_loss = steps(name)
-    kind, tied = RUNS[name][4], RUNS[name][6]
-    start = load_file(setup.models[tied] / "model.safetensors")
+    model = RUNS[name][6]
+    tied = model != "untied"
+    start = load_file(setup.models[model] / "model.safetensors")
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
     keys = {k for k in ref if not (tied and k == "lm_head.weight")}
     assert keys == set(trained), name

@@ -19,12 +19,14 @@ BIN = Path(sys.executable).parent
 ENTRY = str(ROOT / "launch" / "pretrain_idft.py")
 
 
-def make_tiny_model(folder, layers=4, tied=True, seed=0):
-    """hidden 64, 4 heads / 2 KV heads, vocab 49152 so that the SmolLM2 tokenizer fits."""
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=tied,
-                                      bos_token_id=1, eos_token_id=2)
+def make_tiny_model(folder, layers=4, tied=True, seed=0, kind="llama"):
+    """hidden 64, 4 heads / 2 KV heads, vocab 49152 so that the SmolLM2 tokenizer fits.
+    kind "qwen3": Qwen3's per-head q / k norms, heads 16 wide."""
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    config = (transformers.Qwen3Config(**common, head_dim=16) if kind == "qwen3"
+              else transformers.LlamaConfig(**common))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # non-trivial norm weights, as in a trained model

@@ -14,15 +14,19 @@ from .config import ArchConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, dtype=None):
+    """tp_group: the norm sees only this rank's share of what it normalizes (Qwen3's per-head q / k
+    norms, applied to the rank's own heads), so its replicated weight's gradient, a sum over all
+    heads, is summed over the TP ranks. Without it each rank would train its own copy."""
+
+    def __init__(self, dim, eps, dtype=None, tp_group=None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.tp_group = eps, tp_group
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
 
     def forward(self, x):
         # fp32 statistics, as transformers does, so bf16 runs match it. F.rms_norm is transformers'
         # arithmetic op for op on the CPU (the same bits), and a fused kernel where torch has one.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return copy_to_tp(self.weight, self.tp_group) * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -84,8 +88,8 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias,
                                    tp_group=tp_group, dtype=dtype)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, tp_group)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, tp_group)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask=None, cache=None):
