@@ -112,9 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} is required (on the command line or in --config)")
     if (args.train_iters is None) == (args.epochs is None):
         p.error("give exactly one of --train-iters and --epochs")
-    if isinstance(args.train_data, str):  # from --config
-        args.train_data = [args.train_data]
-    args.train_data = [str(v) for v in args.train_data]
     try:
         blend = parse_blend(args.train_data, "--train-data")
     except DataError as e:
@@ -131,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--idft-beta must be > 0, got {args.idft_beta}")
     if args.idft_gamma_min > args.idft_gamma_max:
         p.error(f"--idft-gamma-min {args.idft_gamma_min} exceeds --idft-gamma-max {args.idft_gamma_max}")
-    for flag in ("save_interval", "exit_signal_handler", "exit_duration_in_mins"):
+    for flag in ("save_interval", "keep_last", "exit_signal_handler", "exit_duration_in_mins"):
         if getattr(args, flag) not in (None, False) and not args.save:
             p.error(f"--{flag.replace('_', '-')} needs --save")
     if args.eval_interval and not args.valid_data:
@@ -147,14 +144,35 @@ def _yaml_defaults(p: argparse.ArgumentParser, path) -> dict:
         p.error(f"--config {path}: {' '.join(str(e).split())}")
     if not isinstance(data, dict):
         p.error(f"--config {path}: expected a mapping of flag names to values")
-    dests = {a.dest for a in p._actions}
+    actions = {a.dest: a for a in p._actions}
     out = {}
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in dests or dest == "config":
+        if dest not in actions or dest == "config":
             p.error(f"--config {path}: unknown key '{key}'")
-        out[dest] = value
+        out[dest] = _yaml_value(p, f"--config {path}: '{key}'", actions[dest], value)
     return out
+
+
+def _yaml_value(p, where: str, action, value):
+    """A YAML value parsed as the command line parses the flag's text (argparse checks neither
+    the type nor the choices of a default)."""
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            p.error(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, dict) or (isinstance(value, list) and action.nargs != "+"):
+        p.error(f"{where} must be one value, got {value!r}")
+    parsed = []
+    for item in value if isinstance(value, list) else [value]:
+        try:
+            item = (action.type or str)(str(item))
+        except (TypeError, ValueError):
+            p.error(f"{where}: invalid {action.type.__name__} value {item!r}")
+        if action.choices is not None and item not in action.choices:
+            p.error(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        parsed.append(item)
+    return parsed if action.nargs == "+" else parsed[0]
 
 
 def idft_config(args) -> IDFTConfig:

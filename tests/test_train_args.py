@@ -1,0 +1,52 @@
+"""The trainer's flags from a --config YAML file: parsed as the same flags on the command line
+would be (types, choices), and overridden by the command line."""
+import pytest
+
+from megatron_onpolicy.train.args import parse_args
+
+REQUIRED = ["--train-iters", "1", "--deepspeed_config", "x.json"]
+
+
+def parse(tmp_path, yaml_text, *argv):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    return parse_args(["--config", str(config), *REQUIRED, *argv])
+
+
+def test_a_config_file_reads_as_the_same_flags_on_the_command_line(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string: it must still become the float the flag takes.
+    text = ("train-data: a.jsonl\nlr: 1e-4\nseq_length: 512\nloss: dft\npack: true\n"
+            "fused_loss: false\nlr-decay-style: cosine\nrecompute-granularity: full\n")
+    from_yaml = parse(tmp_path, text)
+    from_flags = parse_args(["--train-data", "a.jsonl", "--lr", "1e-4", "--seq-length", "512", "--loss", "dft",
+                             "--pack", "--no-fused-loss", "--lr-decay-style", "cosine",
+                             "--recompute-granularity", "full", *REQUIRED])
+    assert vars(from_yaml) == {**vars(from_flags), "config": str(tmp_path / "run.yaml")}
+    assert from_yaml.lr == 1e-4 and from_yaml.train_data == ["a.jsonl"]
+    blend = parse(tmp_path, "train-data: [0.3, a.jsonl, 0.7, b.jsonl]\n")
+    assert blend.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
+    assert parse(tmp_path, text, "--loss", "ce", "--lr", "2e-5").loss == "ce"  # the command line wins
+
+
+@pytest.mark.parametrize("line, error", [
+    ("lr-decay-style: Linear", "'lr-decay-style': 'Linear' is not one of cosine, linear, constant"),
+    ("recompute-granularity: Full", "'recompute-granularity': 'Full' is not one of full, selective"),
+    ("loss: CE", "'loss': 'CE' is not one of ce, dft, idft, eaft"),
+    ("lr: fast", "'lr': invalid float value 'fast'"),
+    ("seq-length: 2.5", "'seq-length': invalid int value 2.5"),
+    ("pack: 1", "'pack' must be true or false, got 1"),
+    ("lr: [1, 2]", "'lr' must be one value, got [1, 2]"),
+    ("learning-rate: 1", "unknown key 'learning-rate'"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, line, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(tmp_path, f"train-data: a.jsonl\n{line}\n")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"pretrain_idft: error: --config {tmp_path / 'run.yaml'}: {error}"
+
+
+def test_keep_last_needs_somewhere_to_save(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-data", "a.jsonl", "--keep-last", "2", *REQUIRED])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pretrain_idft: error: --keep-last needs --save"
