@@ -4,6 +4,7 @@ tokenizer: the loss is the global token mean whatever the layout and batch split
 like one process, a resumed run repeats the uninterrupted one, the HF export matches, bad input
 fails cleanly."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
+from megatron_onpolicy.parallel import state
 from megatron_onpolicy.parallel.state import first_host, slurm_env
 from megatron_onpolicy.train.optim import lr_at
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
@@ -200,6 +202,17 @@ def test_slurm_environment():
     assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a007",
                               "MASTER_PORT": "23456"}
     assert [first_host(x) for x in ("node1,node2", "n[1-2]-ib[3-4],x", "a[05]")] == ["node1", "n1-ib3", "a05"]
+
+
+@pytest.mark.parametrize("local_rank, visible, ordinal", [(3, 8, 3), (3, 1, 0), (0, 1, 0)])
+def test_a_task_that_sees_one_gpu_keeps_its_rank_on_the_node(monkeypatch, local_rank, visible, ordinal):
+    """srun --gpus-per-task=1: LOCAL_RANK becomes the ordinal 0 for DeepSpeed, yet only the node's
+    first task may build the data cache (all of them did, each with a pool of workers)."""
+    monkeypatch.setattr(state, "_NODE_RANK", None)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert state._local_rank_as_gpu_ordinal(visible) == ordinal
+    assert os.environ["LOCAL_RANK"] == str(ordinal)
+    assert state.node_local_rank() == local_rank
 
 
 def test_lr_schedule():

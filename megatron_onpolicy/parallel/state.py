@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 _TOPOLOGY = None
 _GROUPS = {}
+_NODE_RANK = None  # the launcher's LOCAL_RANK, before init_distributed makes it a GPU ordinal
 
 
 class ParallelLayoutError(ValueError):
@@ -41,10 +42,23 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     _unlink_shm_workspace()
     if torch.cuda.is_available():
-        # DeepSpeed's engine and PipelineModule take LOCAL_RANK as the device ordinal: make it one.
-        ordinal = local_device(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
-        os.environ["LOCAL_RANK"] = str(ordinal)
-        torch.cuda.set_device(ordinal)
+        torch.cuda.set_device(_local_rank_as_gpu_ordinal(torch.cuda.device_count()))
+
+
+def _local_rank_as_gpu_ordinal(visible: int) -> int:
+    """DeepSpeed's engine and PipelineModule take LOCAL_RANK as the device ordinal: make it one,
+    and keep the launcher's value for node_local_rank()."""
+    global _NODE_RANK
+    _NODE_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+    ordinal = local_device(_NODE_RANK, visible)
+    os.environ["LOCAL_RANK"] = str(ordinal)
+    return ordinal
+
+
+def node_local_rank() -> int:
+    """This process's rank among the processes of its node; 0 does the node's shared work (the
+    data cache). Not LOCAL_RANK once it is a GPU ordinal: 0 on every task that sees one GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if _NODE_RANK is None else _NODE_RANK
 
 
 def _unlink_shm_workspace() -> None:

@@ -26,6 +26,7 @@ from ..data.blend import choose, parse_blend, permutation
 from ..data.indexed import VERSION, IndexedDataset, is_indexed, paths
 from ..data.preprocess import Settings, check_tokenizer, preprocess, tokenizer_identity
 from ..model.hub import cache_dir
+from ..parallel import state
 
 RAW_WORKERS_ABOVE = 64 << 20  # a raw file larger than this is tokenized by a pool of workers
 
@@ -100,8 +101,9 @@ def cached(path, tokenizer, tokenizer_folder, args) -> str:
                       settings.__dict__, VERSION])
     prefix = data_cache_dir() / f"{src.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     error = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not paths(prefix)[2].is_file():
-        workers = os.cpu_count() if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
+    if state.node_local_rank() == 0 and not paths(prefix)[2].is_file():
+        # the cores this process may use (SLURM's allocation), not the whole machine's
+        workers = len(os.sched_getaffinity(0)) if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
         try:
             preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
         except DataError as e:
