@@ -83,6 +83,13 @@ def test_messages_errors(tok, monkeypatch):
     bad = MESSAGES[:2] + [{"role": "assistant", "content": "  "}]
     with pytest.raises(DataError, match=r"^m:3: field 'messages\[2\]\.content': empty response$"):
         tokenize_row(tok, {"messages": bad}, "m:3", 0)
+    with pytest.raises(DataError, match=r"^m:3: field 'messages\[0\]': an assistant turn with no turn before it"):
+        tokenize_row(tok, {"messages": MESSAGES[2:]}, "m:3", 0)
+    # A template's own check (Mistral's and Gemma's insist that roles alternate).
+    with monkeypatch.context() as m:
+        m.setattr(tok, "chat_template", "{{ raise_exception('roles must alternate') }}")
+        with pytest.raises(DataError, match=r"^m:3: field .messages.: the tokenizer or chat template failed .*roles must alternate"):
+            tokenize_row(tok, {"messages": MESSAGES}, "m:3", 0)
     # A template that renders the number of messages first: earlier turns are not a prefix.
     monkeypatch.setattr(tok, "chat_template", "{{ messages|length }}" + tok.chat_template)
     with pytest.raises(DataError, match=r"^m:3: field 'messages\[2\]': the chat template does not extend"):
@@ -107,6 +114,9 @@ def test_errors_name_file_line_field(tok, tmp_path):
     assert first_error(['{"question": "a"}\n']).startswith("1: field 'prompt' missing")
     assert first_error(['{"prompt": "a", "response": " \\n "}\n']) == "1: field 'response': empty response"
     assert first_error(['{"prompt": 7, "response": "a"}\n']) == "1: field 'prompt' must be a string, got int"
+    # A lone surrogate: valid JSON, text no tokenizer can encode.
+    assert first_error([ok, '{"prompt": "a", "response": "b\\ud800"}\n']).startswith(
+        "2: field 'response': the tokenizer or chat template failed (TypeError")
     assert first_error([]) == " no rows"
     assert first_error(["\n", "  \n"], "blank.jsonl") == " no rows"
     assert first_error([ok], "x.csv").startswith(" unknown format '.csv'")

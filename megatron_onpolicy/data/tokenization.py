@@ -36,10 +36,22 @@ def tokenize_row(tokenizer, row: dict, source: str, index: int, prompt_key="prom
     response = _text(row, response_key, source)
     if not response.strip():
         raise DataError(f"{source}: field '{response_key}': empty response")
-    prompt_ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id] * eos
+    prompt_ids = _call(source, prompt_key, chat_ids, tokenizer, [{"role": "user", "content": prompt}], True)
+    response_ids = _call(source, response_key, lambda: list(tokenizer(response, add_special_tokens=False).input_ids))
+    response_ids += [tokenizer.eos_token_id] * eos
     return Sample(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids),
                   len(prompt_ids), index)
+
+
+def _call(source: str, field: str, fn, *args):
+    """A tokenizer or chat-template call on one row's text: its failure (text the tokenizer cannot
+    encode, such as a lone surrogate that JSON allows; a template's own raise_exception) is the
+    row's DataError, so the run names the row rather than dying with the library's error."""
+    try:
+        return fn(*args)
+    except Exception as e:  # tokenizers, jinja2 and transformers raise several types here
+        raise DataError(f"{source}: field '{field}': the tokenizer or chat template failed "
+                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _text(row: dict, key: str, source: str, prefix: str = "") -> str:
@@ -60,15 +72,17 @@ def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str) -
             raise DataError(f"{source}: field '{key}[{i}]' must be an object, got {type(m).__name__}")
         _text(m, "role", source, f"{key}[{i}].")
         _text(m, "content", source, f"{key}[{i}].")
-    ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
+    ids = _call(source, key, chat_ids, tokenizer, messages, False)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if not m["content"].strip():
             raise DataError(f"{source}: field '{key}[{i}].content': empty response")
-        before = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        after = chat_ids(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if i == 0:
+            raise DataError(f"{source}: field '{key}[0]': an assistant turn with no turn before it to answer")
+        before = _call(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i], True)
+        after = _call(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i + 1], False)
         # Both must be prefixes of the whole conversation, or the turn's tokens are not where the
         # model sees them in training (a template that rewrites earlier turns, or a merge across
         # the boundary by the tokenizer).
