@@ -88,7 +88,8 @@ def test_messages_errors(tok, monkeypatch):
     # A template's own check (Mistral's and Gemma's insist that roles alternate).
     with monkeypatch.context() as m:
         m.setattr(tok, "chat_template", "{{ raise_exception('roles must alternate') }}")
-        with pytest.raises(DataError, match=r"^m:3: field .messages.: the tokenizer or chat template failed .*roles must alternate"):
+        with pytest.raises(DataError, match=r"^m:3: field 'messages': the tokenizer or chat template failed "
+                                            r"\(TemplateError: roles must alternate\)$"):
             tokenize_row(tok, {"messages": MESSAGES}, "m:3", 0)
     # A template that renders the number of messages first: earlier turns are not a prefix.
     monkeypatch.setattr(tok, "chat_template", "{{ messages|length }}" + tok.chat_template)
