@@ -1,13 +1,18 @@
 """Row outputs that survive crashes: per-shard files appended and flushed row by row, merged in
 input order into the final file under a temporary name, then renamed."""
+import datetime
+import decimal
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .data.rows import DataError
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -20,6 +25,30 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _as_json(value):
+    """Values that Parquet and datasets rows hold and JSON does not: dates and times as ISO 8601
+    text and decimals as text, as pandas' to_json writes them."""
+    if isinstance(value, (datetime.date, datetime.time)):  # (a datetime is a date)
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"JSON cannot hold a {type(value).__name__}")
+
+
+def json_line(row) -> str:
+    return json.dumps(row, ensure_ascii=False, default=_as_json) + "\n"
+
+
+def check_writable(fields: dict, source: str) -> None:
+    """The input fields an output row copies: checked before the row's work is done, so that a
+    column JSON cannot hold (binary, say) stops the run at once and by name."""
+    for key, value in fields.items():
+        try:
+            json_line(value)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{source}: field '{key}': {e}; drop or convert that column") from None
 
 
 class ShardWriter:
@@ -36,7 +65,7 @@ class ShardWriter:
             if self.path.exists():
                 cut_torn_line(self.path)
             self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.write(json_line(row))
         self._f.flush()
 
     def close(self) -> None:
@@ -124,7 +153,7 @@ def write_jsonl_atomic(path: Path, rows) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_line(row))
     os.replace(tmp, path)
 
 
@@ -157,13 +186,17 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> 
     return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())
 
 
-def merge_shards(out: Path, expected: int, final: Path, field: str = None) -> None:
+@contextmanager
+def merge_shards(out: Path, expected: int, final: Path, field: str = None):
     """Rank 0, once every rank has finished: the rows of all shard files of `out` in input order
     (each row's `field` where rows are wrapped) -> `final`, written atomically and streamed (rank 0
-    holds 12 bytes a row, not the rows); then the shards, no longer the only copy, are removed."""
+    holds 12 bytes a row, not the rows). The shards are removed once the `with` block, which
+    writes what derives from `final` (a summary, a filtered copy), ends without error: a run
+    killed before that finds every row done when rerun, and only writes the files again."""
     parts = shard_files(out)
     part_of, offset = _line_table(parts, expected)
     write_jsonl_atomic(final, _rows_in_order(parts, part_of, offset, field))
+    yield
     remove_shards(parts)
 
 

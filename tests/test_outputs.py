@@ -1,5 +1,7 @@
 """The tools' end of run on rank 0: shard files merged in input order without holding the rows, and
 summaries accumulated in one pass over the merged file, checked against direct list computations."""
+import datetime
+import decimal
 import json
 import math
 import random
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from megatron_onpolicy.ddt.score import Z_BINS, summarize
-from megatron_onpolicy.outputs import merge_shards, read_jsonl, shard_files, shard_path
+from megatron_onpolicy.data import DataError
+from megatron_onpolicy.outputs import ShardWriter, check_writable, merge_shards, read_jsonl, shard_files, shard_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -35,9 +38,19 @@ def test_merge_two_layouts_out_of_order(tmp_path):
     write_part(out, 0, 2, [(4, payload(4)), (0, payload(0))])
     write_part(out, 1, 2, [(3, payload(3)), (1, payload(1))])
     write_part(out, 2, 3, [(5, payload(5)), (2, payload(2)), (4, {"text": "later copy"})])
-    merge_shards(out, 6, out, "row")
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [payload(i) for i in range(6)]
+    with merge_shards(out, 6, out, "row"):
+        assert [json.loads(line) for line in out.read_text().splitlines()] == [payload(i) for i in range(6)]
+        assert len(shard_files(out)) == 3  # until what derives from the merged file is written
     assert shard_files(out) == []
+
+
+def test_a_failure_after_the_merge_keeps_the_shards(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_part(out, 0, 1, [(0, payload(0)), (1, payload(1))])
+    with pytest.raises(OSError):
+        with merge_shards(out, 2, out, "row"):
+            raise OSError("disk full while writing the summary")
+    assert len(shard_files(out)) == 1  # a rerun finds both rows done
 
 
 def test_missing_row_keeps_the_shards(tmp_path):
@@ -45,9 +58,25 @@ def test_missing_row_keeps_the_shards(tmp_path):
     write_part(out, 0, 2, [(0, payload(0)), (2, payload(2))])
     write_part(out, 1, 2, [(1, payload(1))])
     with pytest.raises(RuntimeError, match=r"2 rows missing .*first: \[3, 4\]"):
-        merge_shards(out, 5, out, "row")
+        with merge_shards(out, 5, out, "row"):
+            pass
     assert len(shard_files(out)) == 2 and not out.exists()
     assert len(list(tmp_path.iterdir())) == 2  # no temporary file left either
+
+
+def test_parquet_values_json_cannot_hold(tmp_path):
+    """Dates, times and decimals (Arrow's date, timestamp and decimal columns) are written as ISO
+    8601 text and text; a binary column is the row's error, named before any work."""
+    row = {"day": datetime.date(2026, 11, 27), "at": datetime.datetime(2026, 11, 27, 9, 5, 1, 250000),
+           "price": decimal.Decimal("1.10"), "n": 3}
+    check_writable(row, "x.parquet:row 0")
+    writer = ShardWriter(tmp_path / "x.part")
+    writer.write({"index": 0, "row": row})
+    writer.close()
+    assert list(read_jsonl(tmp_path / "x.part")) == [{"index": 0, "row": {
+        "day": "2026-11-27", "at": "2026-11-27T09:05:01.250000", "price": "1.10", "n": 3}}]
+    with pytest.raises(DataError, match=r"^x.parquet:row 4: field 'image': JSON cannot hold a bytes; drop or convert"):
+        check_writable({"prompt": "p", "image": b"\x89PNG"}, "x.parquet:row 4")
 
 
 def test_merge_holds_one_row_at_a_time(tmp_path):
@@ -57,7 +86,8 @@ def test_merge_holds_one_row_at_a_time(tmp_path):
     for rank in range(2):
         write_part(out, rank, 2, [(i, payload(i, size)) for i in range(rank, n, 2)])
     tracemalloc.start()
-    merge_shards(out, n, tmp_path / "merged.jsonl", "row")
+    with merge_shards(out, n, tmp_path / "merged.jsonl", "row"):
+        pass
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 2_000_000, peak

@@ -145,6 +145,31 @@ def test_filtered_output_and_template_errors(tiny_model, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_rows_it_cannot_realign_stop_the_run_by_name(tiny_model, tmp_path):
+    """Checked with the rest of a row before any decoding: a messages row (it has no reference
+    answer field), a column the output cannot copy. Both used to fail only at the row's turn to be
+    written, on its writer rank alone, and without naming the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, rows = data_file(tmp_path, 3)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text(lines[0] + json.dumps({"messages": [{"role": "user", "content": "1 + 1?"},
+                                                        {"role": "assistant", "content": "2"}]}) + "\n" + lines[1])
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
+                             "image": [b"\x89PNG"] * 3}), parquet)
+    for path, error in ((data, f"{data}:2: field 'prompt' missing (realignment rewrites"),
+                        (parquet, f"{parquet}:row 0: field 'image': JSON cannot hold a bytes")):
+        out = tmp_path / f"out-{path.suffix[1:]}"
+        run = subprocess.run([sys.executable, TOOL, "--model", str(tiny_model), "--data", str(path),
+                              "--max-new-tokens", "4", "--out-dir", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0
+        assert f"realign_distributed: error: {error}" in run.stderr, run.stderr[-2000:]
+        assert not list(out.rglob("*.part-*"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
 @pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
 def test_cuda_graph_needs_a_cuda_device(tool, required, capsys):

@@ -26,7 +26,8 @@ from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa
 from megatron_onpolicy.ddt import fused  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, row_keys, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import merge_shards, open_shards, read_jsonl, write_json_atomic  # noqa: E402
+from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
+                                       write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -93,7 +94,9 @@ def main():
     def prepare(i, row):
         sample = tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key,
                               eos=not args.no_eos)
-        return sample, kept_fields(row, args.keep_keys, scores)
+        kept = kept_fields(row, args.keep_keys, scores)
+        check_writable(kept, row.source)
+        return sample, kept
 
     bar = tqdm(total=len(stream), initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
@@ -114,10 +117,10 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merge_shards(out, len(stream), out, "row")
-        summary = summarize(read_jsonl(out))
-        summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-        write_json_atomic(summary_path, summary)
+        with merge_shards(out, len(stream), out, "row"):
+            summary = summarize(read_jsonl(out))
+            summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+            write_json_atomic(summary_path, summary)
         print(json.dumps(summary, indent=2))
         print(f"wrote {out} and {summary_path}")
     dist.barrier()

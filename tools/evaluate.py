@@ -38,7 +38,8 @@ from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: 
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import merge_shards, open_shards, read_jsonl, write_json_atomic  # noqa: E402
+from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
+                                       write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
@@ -152,6 +153,7 @@ def main():
 
     def prepare(i, row):  # validates the row
         question, answer = question_and_answer(row, args)
+        check_writable(row.data, row.source)  # the output row copies every field
         return i, row, plain_prompt_ids(tokenizer, question), answer
 
     bar = tqdm(total=len(stream), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
@@ -181,10 +183,10 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merge_shards(out, len(stream), out, "row")
-        summary = summarize_eval(read_jsonl(out), k)
-        summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-        write_json_atomic(summary_path, summary)
+        with merge_shards(out, len(stream), out, "row"):
+            summary = summarize_eval(read_jsonl(out), k)
+            summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+            write_json_atomic(summary_path, summary)
         for key, value in summary.items():
             print(f"{key:>16}: {value}")
         print(f"wrote {out} and {summary_path}")

@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import RowStream, tokenize_row  # noqa: E402
+from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E402
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
 from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
@@ -31,8 +31,8 @@ from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decod
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (merge_shards, open_shards, read_jsonl, write_json_atomic,  # noqa: E402
-                                       write_jsonl_atomic)
+from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
+                                       write_json_atomic, write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -156,6 +156,11 @@ def main():
     pad = tokenizer.pad_token_id or 0
 
     def prepare(i, row):  # the original answer, tokenized as training would: validates the row
+        for key in (args.prompt_key, args.response_key):
+            if key not in row.data:
+                raise DataError(f"{row.source}: field '{key}' missing (realignment rewrites a row's "
+                                f"'{args.response_key}' to its '{args.prompt_key}'; messages rows are not supported)")
+        check_writable(row.data, row.source)  # the output row copies every field
         return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
 
     bar = tqdm(total=len(stream), initial=n_done, desc="realign",
@@ -175,10 +180,10 @@ def main():
         writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
-        merge_shards(shards, len(stream), final, "row")
-        write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
-        summary = summarize(read_jsonl(final), args)
-        write_json_atomic(out_dir / "summary.json", summary)
+        with merge_shards(shards, len(stream), final, "row"):
+            write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
+            summary = summarize(read_jsonl(final), args)
+            write_json_atomic(out_dir / "summary.json", summary)
         for key, value in summary.items():
             print(f"{key:>24}: {value}")
         print(f"wrote {final} and {out_dir / 'summary.json'}")
