@@ -2,6 +2,7 @@
 is cheap (JSONL: one scan of the bytes; Parquet: its metadata; datasets: the memory-mapped arrow
 table's length) and a reader parses only the rows asked for. Each row remembers where it came
 from, so that a bad field found later (at tokenization) is reported as `file:line: field ...`."""
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,8 @@ class _ParquetReader:
                 while indices[k] >= self._start + len(self._batch):
                     self._start += len(self._batch)
                     self._batch = next(self._batches)
-                end = self._start + len(self._batch)
-                local = [i - self._start for i in indices[k:] if i < end]
+                stop = bisect.bisect_left(indices, self._start + len(self._batch), k)  # ascending: this batch's
+                local = [i - self._start for i in indices[k:stop]]
                 rows += [Row(obj, f"{self.path}:row {i + self._start}")
                          for i, obj in zip(local, self._batch.take(pa.array(local)).to_pylist())]
                 k += len(local)
