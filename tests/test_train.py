@@ -123,6 +123,18 @@ def test_resume_repeats_the_uninterrupted_run(setup, runs):
     assert sorted(p.name for p in dst.glob("*iter_*")) == ["iter_0000002", "iter_0000004"]
 
 
+def test_exit_interval_exports_only_the_final_model(setup):
+    """--exit-interval stops after a checkpoint, short of --train-iters: --export-hf is for the
+    model the run was asked to train, written by the run that finishes it."""
+    s, hf = setup, setup.tmp / "exit-hf"
+    flags = ("--loss", "ce", "--lr", "1e-2", "--train-iters", 2, "--exit-interval", 1, "--export-hf", hf)
+    first = run(s, 0, "exit", 1, 1, 4, 4, *flags)
+    assert [m["iteration"] for m in first] == [1] and not hf.exists()
+    assert (s.tmp / "exit" / "latest").read_text() == "iter_0000001"
+    second = run(s, 0, "exit", 1, 1, 4, 4, *flags)
+    assert [m["iteration"] for m in second] == [1, 2] and (hf / "config.json").is_file()
+
+
 def test_hf_export_matches_the_parallel_model(setup, runs):
     """The exported folder loads in transformers; its validation loss and mean phi, computed from
     its logits, equal the (2,2,1) model's own; tools/export_hf.py from the checkpoint agrees."""

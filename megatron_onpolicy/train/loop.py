@@ -81,6 +81,7 @@ def train(args) -> None:
     valid = valid_micro_batches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) \
         if valid_data else None
     gpu = torch.cuda.is_available()
+    done = start
     for iteration in range(start + 1, total + 1):
         micro, counts, position = batches.next(position)
         loss_fn.reset()
@@ -117,11 +118,12 @@ def train(args) -> None:
             if writer:
                 log.close()
             preempt.exit_for_requeue("pretrain_idft", why, f"saved {args.save}/{checkpoint.tag_of(iteration)}")
+        done = iteration
         if stop:
             break
     if writer:
         log.close()
-    if args.export_hf:
+    if args.export_hf and done >= total:  # the final model, not one an --exit-interval left unfinished
         export_hf(pipeline_module(engine), tokenizer, Path(args.export_hf))
     if dist.get_rank() == 0:
         print(where_it_went(args), flush=True)
