@@ -18,7 +18,7 @@ from megatron_onpolicy.data import DataError, collate, read_rows, tokenize_row
 from megatron_onpolicy.data.indexed import IndexedDataset
 from megatron_onpolicy.data.preprocess import Settings, preprocess
 from megatron_onpolicy.model.loader import load_tokenizer
-from megatron_onpolicy.train.batches import Part, TrainBatches
+from megatron_onpolicy.train.batches import Part, TrainBatches, ValidBatches
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 L = 512
@@ -148,6 +148,26 @@ def test_blend_draws_follow_the_weights(setup):
     a_rows = [i for p, i in seen if p == "a"]
     assert [sorted(a_rows[k:k + 16]) for k in range(0, 144, 16)] == [list(range(16))] * 9
     assert a_rows[:16] != a_rows[16:32]
+
+
+def test_validation_batches_are_read_when_validation_runs(setup, monkeypatch):
+    """A DP rank's share, m samples at a time, collated on each pass: nothing read or held before.
+    A rank without any sample gets one batch that counts no token."""
+    args = SimpleNamespace(seq_length=L, overlong="truncate")
+    part = Part("a", IndexedDataset(setup.tmp / "a"), args, False)
+    reads = []
+    item = part.item
+    monkeypatch.setattr(part, "item", lambda j: reads.append(j) or item(j))
+    valid = ValidBatches(part, 2, 3, 1)
+    assert reads == [] and len(valid) == 3  # rows 1, 4, 7, 10, 13 of 16
+    for _ in range(2):
+        batches = list(valid)
+        assert reads[-5:] == [1, 4, 7, 10, 13] and len(batches) == 3
+        for (inputs, (targets, mask)), rows in zip(batches, ([1, 4], [7, 10], [13])):
+            expected = collate([item(j) for j in rows], 0)
+            assert torch.equal(inputs[0], expected["input_ids"]) and torch.equal(mask, expected["loss_mask"])
+    (_, (_, mask)), = ValidBatches(part, 2, 32, 20)
+    assert not mask.any()
 
 
 def test_resumed_blend_repeats_the_uninterrupted_run(setup):

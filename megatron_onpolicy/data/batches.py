@@ -13,9 +13,9 @@ from .tokenization import Sample
 IGNORE = -100
 
 
-def shard_indices(n: int, dp_rank: int, dp_size: int) -> list[int]:
+def shard_indices(n: int, dp_rank: int, dp_size: int) -> range:
     """Rows of one data-parallel rank, strided so that ranks see rows of similar mix and count."""
-    return list(range(dp_rank, n, dp_size))
+    return range(dp_rank, n, dp_size)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

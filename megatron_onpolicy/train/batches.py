@@ -189,12 +189,21 @@ def to_micro_batch(items, packed: bool):
     return inputs, (b["targets"], b["loss_mask"])
 
 
-def valid_micro_batches(part: Part, micro: int, dp: int, dp_rank: int) -> list:
-    """This DP rank's share of the validation samples, m at a time; a rank left without any gets
-    one batch with an empty loss mask, so that every rank takes part in the collectives."""
-    mine = shard_indices(part.items, dp_rank, dp)
-    batches = [to_micro_batch([part.item(j) for j in mine[i:i + micro]], False) for i in range(0, len(mine), micro)]
-    if not batches:
-        inputs, (targets, mask) = to_micro_batch([part.item(0)], False)
-        batches = [(inputs, (targets, torch.zeros_like(mask)))]
-    return batches
+class ValidBatches:
+    """This DP rank's share of the validation samples, m at a time, collated as each validation
+    reads them: held padded for the whole run, a large validation set cost every rank several
+    times its memory-mapped size. A rank left without any sample gets one batch with an empty loss
+    mask, so that every rank takes part in the collectives."""
+
+    def __init__(self, part: Part, micro: int, dp: int, dp_rank: int):
+        self.part, self.micro, self.mine = part, micro, shard_indices(part.items, dp_rank, dp)
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.mine) // self.micro))
+
+    def __iter__(self):
+        if not self.mine:
+            inputs, (targets, mask) = to_micro_batch([self.part.item(0)], False)
+            yield inputs, (targets, torch.zeros_like(mask))
+        for i in range(0, len(self.mine), self.micro):
+            yield to_micro_batch([self.part.item(j) for j in self.mine[i:i + self.micro]], False)

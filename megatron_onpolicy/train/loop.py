@@ -16,7 +16,7 @@ from ..parallel import state
 from ..parallel.random import seed_model_parallel
 from . import checkpoint
 from .args import idft_config
-from .batches import TrainBatches, load_parts, valid_micro_batches
+from .batches import TrainBatches, ValidBatches, load_parts
 from .ds_config import build_ds_config
 from .engine import forward_only, make_engine, pipeline_module, train_step
 from .export import export_hf
@@ -78,8 +78,7 @@ def train(args) -> None:
     log = None
     if writer:
         log = MetricsLog(metrics_folder(args), args.tensorboard_dir, total, start)
-    valid = valid_micro_batches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) \
-        if valid_data else None
+    valid = ValidBatches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) if valid_data else None
     gpu = torch.cuda.is_available()
     done = start
     for iteration in range(start + 1, total + 1):
