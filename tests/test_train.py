@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
 from megatron_onpolicy.parallel import state
 from megatron_onpolicy.parallel.state import first_host, slurm_env
+from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.optim import lr_at
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
@@ -162,6 +163,32 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
     assert sorted(set(index.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     a, b = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()} for d in (hf_dir, out))
     assert a.keys() == b.keys() == index.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Files of at most 1 MB: the 12.6 MB embedding alone in one, the rest split within each stage
+    # (a fused qkv's q, k and v may land in different files); the same tensors, all in the index.
+    small = setup.tmp / "exported-small"
+    result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", small, "--max-shard-size", "1MB",
+                    script="tools/export_hf.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    index = json.loads((small / "model.safetensors.index.json").read_text())
+    files = sorted(small.glob("*.safetensors"))
+    assert len(files) > 4 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    for f in files:
+        tensors = load_file(f)
+        assert all(index["weight_map"][k] == f.name for k in tensors)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 10**6
+    c = {k: v for f in files for k, v in load_file(f).items()}
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
+    transformers.AutoModelForCausalLM.from_pretrained(small)
+
+
+def test_export_files_follow_the_stages():
+    """Each stage's tensors in order, in files of at most max_bytes (a larger tensor alone), the
+    tied embedding only in the first stage that has it; files numbered across stages."""
+    stages = [(0, {"embed": 10, "l0.q": 4, "l0.k": 4, "l0.v": 4}), (1, {"l1.q": 4, "norm": 1, "embed": 10})]
+    assert plan_files(stages, 9) == [(0, ["embed"]), (0, ["l0.q", "l0.k"]), (0, ["l0.v"]), (1, ["l1.q", "norm"])]
+    assert plan_files(stages, 100) == [(0, ["embed", "l0.q", "l0.k", "l0.v"]), (1, ["l1.q", "norm"])]
 
 
 def test_packing_across_pipeline_stages(setup):

@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 
+from transformers.utils.hub import convert_file_size_to_int
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_onpolicy import cli  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
-from megatron_onpolicy.train.export import export_checkpoint  # noqa: E402
+from megatron_onpolicy.train.export import MAX_FILE_BYTES, export_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -23,10 +25,13 @@ def parse_args(argv=None):
     p.add_argument("--tag", help="a checkpoint in it (default: the latest)")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--model", help="the run's --model, if it is no longer where the checkpoint says")
+    p.add_argument("--max-shard-size", type=convert_file_size_to_int, default=MAX_FILE_BYTES,
+                   help="the largest safetensors file, as transformers' save_pretrained takes it (default 4GB)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    cli.run(lambda: export_checkpoint(args.load, args.tag, args.out, args.model), "export_hf", (TrainConfigError,))
+    cli.run(lambda: export_checkpoint(args.load, args.tag, args.out, args.model, args.max_shard_size), "export_hf",
+            (TrainConfigError,))

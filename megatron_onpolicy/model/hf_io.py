@@ -128,28 +128,44 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) ->
             param.copy_(value)
 
 
-def gather_hf_state(model: torch.nn.Module, names: dict = None) -> dict:
-    """Merge the TP shards of `model` into HF-named full tensors (on every TP rank)."""
-    cfg, group = model.cfg, model.tp_group
-    tp, _ = tp_size_rank(group)
-    table = weight_map(cfg, tp)
+def hf_shapes(model: torch.nn.Module, names: dict = None) -> dict:
+    """native parameter name -> {HF name: full shape} of the HF tensors it holds shards of, in
+    parameter order, from the shapes alone (no communication). names: native name -> the name in
+    weight_map's table (default: the same)."""
+    tp, _ = tp_size_rank(model.tp_group)
+    table = weight_map(model.cfg, tp)
     params = dict(model.named_parameters())
-    names = names or {n: n for n in params}
     out = {}
-    for native, key in names.items():
-        mapping, local = table[key], params[native].detach()
-        if mapping.dim is None:
-            out[mapping.parts[0][0]] = local.clone()
-            continue
-        shards = [local] if tp == 1 else [torch.empty_like(local) for _ in range(tp)]
-        if tp > 1:
-            dist.all_gather(shards, local.contiguous(), group=group)
-        sizes = [(mapping.padded or size) // tp for _, size in mapping.parts]
-        pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
-        for j, (hf_name, size) in enumerate(mapping.parts):
-            full = torch.cat([p[j] for p in pieces], dim=mapping.dim)
-            out[hf_name] = full.narrow(mapping.dim, 0, size).clone()
+    for native, key in (names or {n: n for n in params}).items():
+        mapping, shape = table[key], list(params[native].shape)
+        out[native] = {}
+        for hf_name, size in mapping.parts:
+            if mapping.dim is not None:
+                shape[mapping.dim] = size
+            out[native][hf_name] = tuple(shape)
     return out
+
+
+def gather_hf_tensors(model: torch.nn.Module, native: str, key: str = None) -> dict:
+    """The full HF tensors (HF name -> tensor) of one native parameter, its TP shards merged on
+    every TP rank: a collective over TP. key: its name in weight_map's table (default: native)."""
+    group = model.tp_group
+    tp, _ = tp_size_rank(group)
+    mapping, local = weight_map(model.cfg, tp)[key or native], model.get_parameter(native).detach()
+    if mapping.dim is None:
+        return {mapping.parts[0][0]: local.clone()}
+    shards = [local] if tp == 1 else [torch.empty_like(local) for _ in range(tp)]
+    if tp > 1:
+        dist.all_gather(shards, local.contiguous(), group=group)
+    sizes = [(mapping.padded or size) // tp for _, size in mapping.parts]
+    pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
+    return {hf_name: torch.cat([p[j] for p in pieces], dim=mapping.dim).narrow(mapping.dim, 0, size).clone()
+            for j, (hf_name, size) in enumerate(mapping.parts)}
+
+
+def gather_hf_state(model: torch.nn.Module) -> dict:
+    """All of a (small) model's HF-named full tensors at once, on every TP rank."""
+    return {k: v for native in dict(model.named_parameters()) for k, v in gather_hf_tensors(model, native).items()}
 
 
 def save_hf_folder(state: dict, cfg: ArchConfig, tokenizer, out: Path, dtype=None) -> None:

@@ -1,7 +1,9 @@
 """A Hugging Face folder from the parallel model, written where it lies: each pipeline stage of DP
-replica 0 merges its TP shards (model/hf_io.gather_hf_state) and its TP rank 0 writes them as the
-stage's own safetensors file; rank 0 adds the index, config and tokenizer. No rank holds more than
-its own stage, and nothing but tensor names travels between stages."""
+replica 0 merges its TP shards one parameter at a time (model/hf_io.gather_hf_tensors), and its
+TP rank 0 writes them, in files of at most MAX_FILE_BYTES, from host memory; rank 0 adds the
+index, config and tokenizer. A rank holds one merged parameter on its device and, where it writes,
+one file's tensors on the host; nothing but tensor names and sizes travels between stages."""
+import math
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .. import cli
-from ..model.hf_io import gather_hf_state, write_hf_extras
+from ..model.hf_io import gather_hf_tensors, hf_shapes, write_hf_extras
 from ..model.hub import replace_dir
 from ..model.loader import load_arch, load_tokenizer
 from ..parallel import state
@@ -18,47 +20,75 @@ from . import checkpoint
 from .engine import make_engine, pipeline_module
 from .model import build_pipeline, hf_names
 
+MAX_FILE_BYTES = 4 * 10**9  # transformers' default max_shard_size, "4GB"
 
-def export_hf(pipe, tokenizer, out) -> None:
+
+def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> None:
     """Every rank calls this with its PipelineModule. The folder is written under a temporary
     name and renamed by rank 0 after a barrier: on several nodes it appears only once every
-    stage's file is on the shared file system."""
+    stage's files are on the shared file system."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.partial"
-    pp, stage = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
-    filename = f"model-{stage + 1:05d}-of-{pp:05d}.safetensors" if pp > 1 else "model.safetensors"
+    stage, dp0 = state.get_pipeline_model_parallel_rank(), state.get_data_parallel_rank() == 0
+    writes = dp0 and state.get_tensor_model_parallel_rank() == 0
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed export's leftovers
         tmp.mkdir(parents=True)
     dist.barrier()
-    tensors = gather_hf_state(pipe, hf_names(pipe)) if state.get_data_parallel_rank() == 0 else {}
-    writes = state.get_data_parallel_rank() == 0 and state.get_tensor_model_parallel_rank() == 0
-    # Names (and sizes) only: a tied embedding sits on the first and the last stage, and the
-    # first stage's file holds it.
+    names = hf_names(pipe)
+    shapes = hf_shapes(pipe, names)
+    itemsize = next(pipe.parameters()).element_size()
+    sizes = {h: math.prod(shape) * itemsize for parts in shapes.values() for h, shape in parts.items()}
     listed = [None] * dist.get_world_size()
-    dist.all_gather_object(listed, (stage, {k: v.numel() * v.element_size() for k, v in tensors.items()})
-                           if writes else None)
-    listed = sorted(x for x in listed if x is not None)
-    earlier = {k for s, names in listed if s < stage for k in names}
-    if writes:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items() if k not in earlier}, tmp / filename,
-                  metadata={"format": "pt"})
-    del tensors
-    dist.barrier()  # every stage's file is on the file system
+    dist.all_gather_object(listed, (stage, sizes) if writes else None)
+    stages = sorted((x for x in listed if x is not None), key=lambda x: x[0])  # one writer a stage
+    files = plan_files(stages, max_file_bytes)
+    n = len(files)
+    name_of = lambda k: "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    if dp0:
+        mine = [(k, set(group)) for k, (s, group) in enumerate(files) if s == stage]
+        wanted = set().union(*(group for _, group in mine))
+        held = {}  # the writer's merged tensors of its next file, on the host
+        for native, key in names.items():
+            if wanted.isdisjoint(shapes[native]):  # a tied embedding, in the first stage's files
+                continue
+            merged = gather_hf_tensors(pipe, native, key)  # on every TP rank of the stage
+            if writes:
+                held.update((h, t.cpu()) for h, t in merged.items())
+                while mine and mine[0][1] <= held.keys():
+                    k, group = mine.pop(0)
+                    save_file({h: held.pop(h).contiguous() for h in group}, tmp / name_of(k), metadata={"format": "pt"})
+            del merged
+    dist.barrier()  # every stage's files are on the file system
     if dist.get_rank() == 0:
-        weight_map, size = {}, 0
-        for s, names in listed:
-            for k, nbytes in names.items():
-                if k not in weight_map:
-                    weight_map[k] = f"model-{s + 1:05d}-of-{pp:05d}.safetensors" if pp > 1 else "model.safetensors"
-                    size += nbytes
+        sizes = {h: n for _, stage_sizes in stages for h, n in stage_sizes.items()}
+        weight_map = {h: name_of(k) for k, (_, group) in enumerate(files) for h in group}
         write_hf_extras(tmp, pipe.cfg, tokenizer, next(p.dtype for p in pipe.parameters()),
-                        weight_map if pp > 1 else None, size)
+                        weight_map if n > 1 else None, sum(sizes[h] for h in weight_map))
         replace_dir(tmp, out)
     dist.barrier()
 
 
-def export_checkpoint(load, tag, out, model=None) -> None:
+def plan_files(stages: list, max_bytes: int) -> list:
+    """[(stage, {HF name: bytes} in its order)] -> [(stage, [HF names of one file])]: each stage's
+    tensors, less those an earlier stage has (the tied embedding), in files of at most max_bytes
+    (a larger tensor alone in its file), numbered across stages in order."""
+    files, seen = [], set()
+    for stage, sizes in stages:
+        size = 0
+        for h, nbytes in sizes.items():
+            if h in seen:
+                continue
+            seen.add(h)
+            if not files or files[-1][0] != stage or (size + nbytes > max_bytes and files[-1][1]):
+                files.append((stage, []))
+                size = 0
+            files[-1][1].append(h)
+            size += nbytes
+    return files
+
+
+def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE_BYTES) -> None:
     """A saved checkpoint -> a Hugging Face folder. Runs on T x P ranks (or a multiple: the
     extra data-parallel replicas idle), the layout the checkpoint was saved with."""
     tag, meta = checkpoint.read_checkpoint(load, tag)
@@ -76,4 +106,4 @@ def export_checkpoint(load, tag, out, model=None) -> None:
                                          load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"{load}/{tag}: DeepSpeed could not load this checkpoint")
-    export_hf(pipeline_module(engine), load_tokenizer(folder), out)
+    export_hf(pipeline_module(engine), load_tokenizer(folder), out, max_file_bytes)
