@@ -23,6 +23,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (statistics stay fp32)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_timeout_arg(p)
+
+
+def add_timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="how long a rank waits in a collective for the others (default 10, as Megatron's)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -48,9 +54,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def start(tp: int, pp: int = 1, num_heads=None, num_kv_heads=None) -> None:
+def start(tp: int, pp: int = 1, num_heads=None, num_kv_heads=None, timeout_minutes: float = 10) -> None:
     """Join the job and build the process groups, after checking the layout is possible."""
-    state.init_distributed()
+    state.init_distributed(timeout_minutes)
     state.check_layout(dist.get_world_size(), tp, pp, num_heads, num_kv_heads)
     state.initialize_model_parallel(tp, pp)
 

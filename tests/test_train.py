@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
 from megatron_onpolicy.parallel import state
 from megatron_onpolicy.parallel.state import first_host, slurm_env
+from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.optim import lr_at
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
@@ -241,6 +242,20 @@ def test_slurm_environment():
     assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a007",
                               "MASTER_PORT": "23456"}
     assert [first_host(x) for x in ("node1,node2", "n[1-2]-ib[3-4],x", "a[05]")] == ["node1", "n1-ib3", "a05"]
+
+
+def test_distributed_timeout_reaches_the_process_group():
+    """--distributed-timeout-minutes (Megatron's flag; DeepSpeed's default is 10 minutes): a node's
+    first rank may preprocess a large raw file for longer while the others wait in a collective."""
+    child = ("import torch, torch.distributed as dist\n"
+             "from megatron_onpolicy.parallel import state\n"
+             "state.init_distributed(37)\n"
+             "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)\n")
+    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "0:37:00", result.stderr[-3000:]
+    assert parse_args(["--train-data", "a", "--train-iters", "1", "--deepspeed_config", "x.json",
+                       "--distributed-timeout-minutes", "37"]
+                      ).distributed_timeout_minutes == 37
 
 
 @pytest.mark.parametrize("local_rank, visible, ordinal", [(3, 8, 3), (3, 1, 0), (0, 1, 0)])

@@ -76,7 +76,7 @@ def main():
     fused.set_kernels(args.fused_loss_kernel)
     stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     folder, arch = load_arch(args.model)
-    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     writes = state.get_tensor_model_parallel_rank() == 0  # one writer per data-parallel group
 
@@ -116,6 +116,8 @@ def main():
     if writer:
         writer.close()
     dist.barrier()
+    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
+    # in a barrier that DeepSpeed's process group gives up on after 10 minutes (DEEPSPEED_TIMEOUT).
     if dist.get_rank() == 0:
         with merge_shards(out, len(stream), out, "row"):
             summary = summarize(read_jsonl(out))
@@ -123,7 +125,6 @@ def main():
             write_json_atomic(summary_path, summary)
         print(json.dumps(summary, indent=2))
         print(f"wrote {out} and {summary_path}")
-    dist.barrier()
 
 
 if __name__ == "__main__":

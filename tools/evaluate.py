@@ -111,7 +111,7 @@ def resolve_model(args, out: Path) -> str:
     folder = out.with_name(out.name.removesuffix(".jsonl") + ".hf")
     if not (folder / "config.json").exists():
         from megatron_onpolicy.train.export import export_checkpoint
-        export_checkpoint(args.load, args.tag, folder)
+        export_checkpoint(args.load, args.tag, folder, timeout_minutes=args.distributed_timeout_minutes)
     return str(folder)
 
 
@@ -133,7 +133,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     name = resolve_model(args, out)
     folder, arch = load_arch(name)
-    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
@@ -182,6 +182,8 @@ def main():
     if writer:
         writer.close()
     dist.barrier()
+    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
+    # in a barrier that DeepSpeed's process group gives up on after 10 minutes (DEEPSPEED_TIMEOUT).
     if dist.get_rank() == 0:
         with merge_shards(out, len(stream), out, "row"):
             summary = summarize_eval(read_jsonl(out), k)
@@ -190,7 +192,6 @@ def main():
         for key, value in summary.items():
             print(f"{key:>16}: {value}")
         print(f"wrote {out} and {summary_path}")
-    dist.barrier()
 
 
 if __name__ == "__main__":

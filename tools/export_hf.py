@@ -27,11 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--model", help="the run's --model, if it is no longer where the checkpoint says")
     p.add_argument("--max-shard-size", type=convert_file_size_to_int, default=MAX_FILE_BYTES,
                    help="the largest safetensors file, as transformers' save_pretrained takes it (default 4GB)")
+    cli.add_timeout_arg(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    cli.run(lambda: export_checkpoint(args.load, args.tag, args.out, args.model, args.max_shard_size), "export_hf",
-            (TrainConfigError,))
+    cli.run(lambda: export_checkpoint(args.load, args.tag, args.out, args.model, args.max_shard_size,
+                                      args.distributed_timeout_minutes), "export_hf", (TrainConfigError,))

@@ -135,7 +135,7 @@ def main():
                       h1=args.piecewise_bounds[0], h2=args.piecewise_bounds[1],
                       splitter=args.splitter or None, analysis=analysis_template is not None)
     folder, arch = load_arch(args.model)
-    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads)
+    cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
@@ -179,6 +179,8 @@ def main():
     if writer:
         writer.close()
     dist.barrier()
+    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
+    # in a barrier that DeepSpeed's process group gives up on after 10 minutes (DEEPSPEED_TIMEOUT).
     if dist.get_rank() == 0:
         with merge_shards(shards, len(stream), final, "row"):
             write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
@@ -187,7 +189,6 @@ def main():
         for key, value in summary.items():
             print(f"{key:>24}: {value}")
         print(f"wrote {final} and {out_dir / 'summary.json'}")
-    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Rank layout is DeepSpeed's `PipeModelDataParallelTopology`: TP fastest, then DP,
 that a DeepSpeed `PipelineModule` built on the same topology agrees with our groups. The module
 itself is the `mpu` that `deepspeed.initialize(mpu=...)` accepts (as in GPT-NeoX).
 """
+import datetime
 import os
 import re
 
@@ -19,8 +20,10 @@ class ParallelLayoutError(ValueError):
     pass
 
 
-def init_distributed() -> None:
-    """Join the job started by the deepspeed launcher, torchrun, srun or mpirun.
+def init_distributed(timeout_minutes: float = 10) -> None:
+    """Join the job started by the deepspeed launcher, torchrun, srun or mpirun. timeout_minutes:
+    how long a collective may wait (Megatron's --distributed-timeout-minutes), e.g. for the node's
+    first rank to build the data cache.
 
     deepspeed.comm reads the launcher's environment (deepspeed, torchrun) and, failing that,
     discovers rank and world size through MPI (mpirun, or srun with a PMI plugin). A plain srun
@@ -39,7 +42,8 @@ def init_distributed() -> None:
 
     _share_cpu_cores()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     _unlink_shm_workspace()
     if torch.cuda.is_available():
         torch.cuda.set_device(_local_rank_as_gpu_ordinal(torch.cuda.device_count()))

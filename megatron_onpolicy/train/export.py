@@ -88,13 +88,14 @@ def plan_files(stages: list, max_bytes: int) -> list:
     return files
 
 
-def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE_BYTES,
+                      timeout_minutes: float = 10) -> None:
     """A saved checkpoint -> a Hugging Face folder. Runs on T x P ranks (or a multiple: the
     extra data-parallel replicas idle), the layout the checkpoint was saved with."""
     tag, meta = checkpoint.read_checkpoint(load, tag)
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     folder, arch = load_arch(model or meta["model"])
-    cli.start(tp, pp, arch.num_heads, arch.num_kv_heads)
+    cli.start(tp, pp, arch.num_heads, arch.num_kv_heads, timeout_minutes)
     pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), loss_fn=None)
     # An engine without optimizer, only to read DeepSpeed's files for this rank's stage and shard;
     # in the run's precision, so the folder holds the tensors the run trained.

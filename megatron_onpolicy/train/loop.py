@@ -30,7 +30,7 @@ from .recompute import Recompute
 def train(args) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     folder, arch = load_arch(args.model)
-    cli.start(tp, pp, arch.num_heads, arch.num_kv_heads)
+    cli.start(tp, pp, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     ds_config = build_ds_config(args, dp, pp)
     if args.load is None and args.save and checkpoint.has_complete(args.save):
