@@ -1,8 +1,11 @@
 """The trainer's flags from a --config YAML file: parsed as the same flags on the command line
-would be (types, choices), and overridden by the command line."""
+would be (types, choices), and overridden by the command line; the DeepSpeed config they fill in."""
+import json
+
 import pytest
 
-from megatron_onpolicy.train.args import parse_args
+from megatron_onpolicy.train.args import TrainConfigError, parse_args
+from megatron_onpolicy.train.ds_config import build_ds_config
 
 REQUIRED = ["--train-iters", "1", "--deepspeed_config", "x.json"]
 
@@ -50,3 +53,19 @@ def test_keep_last_needs_somewhere_to_save(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "a.jsonl", "--keep-last", "2", *REQUIRED])
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pretrain_idft: error: --keep-last needs --save"
+
+
+@pytest.mark.parametrize("config, dp, pp, error", [
+    ({"zero_optimization": {"stage": 3}}, 2, 1, "ZeRO stage 3 is not supported (stages 0 to 2;"),
+    ({"zero_optimization": {"stage": 2}}, 1, 2, "ZeRO stage 2 does not work with pipeline parallelism"),
+    ({"optimizer": {"type": "Adam"}}, 1, 1, "remove the 'optimizer' section"),
+    ({"train_micro_batch_size_per_gpu": 4}, 1, 1, "train_micro_batch_size_per_gpu is 4 but --micro-batch-size gives 2"),
+    ({}, 3, 1, "global batch size 8 is not divisible by micro-batch size 2 x data-parallel size 3"),
+])
+def test_deepspeed_configs_it_cannot_run_are_errors(tmp_path, config, dp, pp, error):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = parse_args(["--train-data", "a.jsonl", "--micro-batch-size", "2", "--global-batch-size", "8",
+                       "--deepspeed_config", str(path), "--train-iters", "1"])
+    with pytest.raises(TrainConfigError, match=error.replace("(", r"\(")):
+        build_ds_config(args, dp, pp)

@@ -45,6 +45,11 @@ def build_ds_config(args, dp: int, pp: int) -> dict:
         pipeline[key] = False
 
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage > 2:
+        # Stage 3 gathers a parameter for its own module's forward; the tied head and the fused
+        # loss read the embedding's weight outside it, where it is only this rank's partition.
+        raise TrainConfigError(f"{path}: ZeRO stage {stage} is not supported (stages 0 to 2; shard the model "
+                               "with --tensor-model-parallel-size and --pipeline-model-parallel-size)")
     if pp > 1 and stage > 1:
         raise TrainConfigError(f"{path}: ZeRO stage {stage} does not work with pipeline parallelism "
                                "(DeepSpeed allows stage 0 or 1 with PP > 1)")
