@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
 from megatron_onpolicy.parallel import state
 from megatron_onpolicy.parallel.state import first_host, slurm_env
+from megatron_onpolicy.train import checkpoint
 from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.optim import lr_at
@@ -123,6 +124,19 @@ def test_resume_repeats_the_uninterrupted_run(setup, runs):
             assert a.get(key) == b.get(key), (a["iteration"], key)
     assert (dst / "latest").read_text() == "iter_0000004" and (dst / "iter_0000004" / "complete.json").is_file()
     assert sorted(p.name for p in dst.glob("*iter_*")) == ["iter_0000002", "iter_0000004"]
+
+
+def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
+    """A crash between renaming a save into place (iter 10) and pointing `latest` at it: the rerun
+    resumes from iter 5 and saves iter 6. --keep-last 1 keeps iter 6, not the stray iter 10, and
+    removes iter 5 and a crashed save's leftovers."""
+    for name, done in (("iter_0000005", True), ("iter_0000010", True), ("iter_0000006", True),
+                       (".partial-iter_0000007", False), ("iter_0000004", False)):
+        (tmp_path / name).mkdir()
+        if done:
+            (tmp_path / name / checkpoint.MARKER).write_text("{}")
+    checkpoint._prune(tmp_path, 1, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
 
 
 def test_exit_interval_exports_only_the_final_model(setup):

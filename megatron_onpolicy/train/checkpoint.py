@@ -55,7 +55,7 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
         write_json_atomic(folder / partial / MARKER, {"iteration": iteration, **meta})
         replace_dir(folder / partial, folder / tag)
         write_text_atomic(folder / "latest", tag)
-        _prune(folder, keep_last)
+        _prune(folder, keep_last, iteration)
     dist.barrier()
 
 
@@ -157,11 +157,15 @@ def _reshard_optimizer(engine, folder, tag) -> None:
                 dst.narrow(0, hp.start, hp.numel).copy_(torch.cat(pieces[k]).narrow(0, lp.start, lp.numel))
 
 
-def _prune(folder: Path, keep_last) -> None:
-    """Remove leftovers of crashed saves, and checkpoints beyond the newest `keep_last`."""
+def _prune(folder: Path, keep_last, saved: int) -> None:
+    """Remove leftovers of crashed saves, and checkpoints beyond the newest `keep_last` up to the
+    one just saved (iteration `saved`). Those numbered above it are left alone: they are another
+    run's, e.g. one whose crash came after its save was renamed into place and before `latest`
+    named it, so that this run resumed from an earlier one; counting them, it removed its own."""
     tags = sorted((p for p in folder.iterdir() if p.is_dir() and _TAG.match(p.name)), key=lambda p: p.name[-7:])
     complete = [p for p in tags if not p.name.startswith(PARTIAL) and (p / MARKER).is_file()]
-    keep = set(complete[-keep_last:] if keep_last else complete)
+    ours = [p for p in complete if int(p.name[-7:]) <= saved]
+    keep = set(complete) - set(ours) | set(ours[-keep_last:] if keep_last else ours)
     for p in tags:
         if p not in keep:
             shutil.rmtree(p)
