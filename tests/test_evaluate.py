@@ -32,6 +32,12 @@ GRADING = [  # (solution text, reference answer, graded correct)
     ("\\boxed{\\$5}", "$5", True),
     ("\\boxed{50\\%}", "50", True),
     ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{12 square feet}", "12", True),
+    ("\\boxed{5cm}", "5", True),
+    ("\\boxed{12{,}000}", "12000", True),                   # LaTeX's thousands comma
+    ("\\boxed{2x}", "2", False),                            # a variable, not a unit
+    ("\\boxed{2x^2}", "2", False),
+    ("\\boxed{1e3}", "1", False),
     ("\\boxed{1} or rather \\boxed{2}", "2", True),           # several boxes: the last
     ("\\boxed{1} or rather \\boxed{2}", "1", False),
     ("\\boxed{-7}", "-7", True),

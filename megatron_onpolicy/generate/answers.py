@@ -10,7 +10,11 @@ from fractions import Fraction
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER = re.compile(rf"{_NUM}(?:/\d+(?!\.\d))?")
 _FRAC = re.compile(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
-_UNIT = re.compile(r"(?:\\?%|\^\{?\\circ\}?|°|[a-zA-Z][a-zA-Z./^0-9]*)$")
+# A trailing unit: percent or degrees; a word after a space ("5 m", "12 square feet"); or a word of
+# two or more letters right after the number ("5cm"). One letter right after it is a variable or an
+# exponent ("2x", "1e3"), and stays, so that such answers do not pass for the bare number.
+_WORD = r"[a-zA-Z][a-zA-Z./^0-9]*"
+_UNIT = re.compile(rf"(?:\\?%|\^\{{?\\circ\}}?|°|\s+{_WORD}|(?<=\d)[a-zA-Z]{{2,}}[a-zA-Z./^0-9]*)(?:\s+{_WORD})*$")
 
 
 def last_boxed(text: str):
@@ -50,13 +54,13 @@ def _value(s: str):
 
 def normalize(answer) -> str:
     """A canonical string: numbers as their exact value ("1250", "1/2"), other answers stripped."""
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", str(answer))
-    s = re.sub(r"\\[,!; ]|\\?\$|\s", "", s).rstrip(".")
-    for candidate in (s, _UNIT.sub("", s)):  # "12dollars", "50\%", "90^\circ" -> the number
-        value = _value(candidate)
+    s = re.sub(r"\\text\{([^{}]*)\}", r" \1 ", str(answer)).replace("{,}", ",")  # 12{,}000: LaTeX's comma
+    s = re.sub(r"\\[,!; ]|\\?\$", "", s).strip().rstrip(".").strip()
+    for candidate in (s, _UNIT.sub("", s)):  # "12 dollars", "50\%", "90^\circ" -> the number
+        value = _value(re.sub(r"\s", "", candidate))
         if value is not None:
             return str(value)
-    return s
+    return re.sub(r"\s", "", s)
 
 
 def answers_match(text: str, reference) -> bool:
