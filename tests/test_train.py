@@ -179,10 +179,11 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
     a, b = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()} for d in (hf_dir, out))
     assert a.keys() == b.keys() == index.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # Files of at most 1 MB: the 12.6 MB embedding alone in one, the rest split within each stage
-    # (a fused qkv's q, k and v may land in different files); the same tensors, all in the index.
+    # Files of at most 100 kB: the 12.6 MB embedding alone in one, each stage's layers (about 150 kB
+    # each) over several (a fused qkv's q, k and v may land in different files); the same tensors,
+    # all in the index.
     small = setup.tmp / "exported-small"
-    result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", small, "--max-shard-size", "1MB",
+    result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", small, "--max-shard-size", "100KB",
                     script="tools/export_hf.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     index = json.loads((small / "model.safetensors.index.json").read_text())
@@ -191,7 +192,7 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
     for f in files:
         tensors = load_file(f)
         assert all(index["weight_map"][k] == f.name for k in tensors)
-        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 10**6
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 10**5
     c = {k: v for f in files for k, v in load_file(f).items()}
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
