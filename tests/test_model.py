@@ -103,6 +103,37 @@ def test_export_round_trip(hf_models, tmp_path, kind):
         assert torch.equal(exported[name], tensor), name
 
 
+def test_checkpoint_tensors_the_model_does_not_use_are_an_error_on_every_stage(hf_models, tmp_path):
+    """A tensor no part of the model takes (a checkpoint of another architecture, say) stops the
+    load on a pipeline stage too, not only where one rank holds the whole model. A tied model's
+    own copy of lm_head.weight is ignored, as transformers ignores it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_onpolicy.model.hf_io import load_hf_weights
+    from megatron_onpolicy.model.loader import load_arch
+    from megatron_onpolicy.model.llama import TransformerLM
+
+    source, reference = hf_models["llama-tied"]
+    weights = load_file(source / "model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    for extra, error in (("model.layers.0.mlp.extra.weight", True), ("lm_head.weight", False)):
+        folder = tmp_path / extra
+        shutil.copytree(source, folder)
+        save_file({**weights, extra: torch.randn(VOCAB, 64)}, folder / "model.safetensors")
+        if error:
+            stage = TransformerLM(load_arch(str(folder))[1], None)
+            stage.layers = stage.layers[:1]  # a first stage's share of the layers
+            with pytest.raises(ValueError, match=r"checkpoint tensors the architecture does not use: "
+                                                 r"\['model.layers.0.mlp.extra.weight'\]"):
+                load_hf_weights(stage, folder)
+        else:
+            model, _ = load_model(str(folder))
+            with torch.no_grad():
+                torch.testing.assert_close(sharded_logits(model, ids), reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
     from megatron_onpolicy.model.hub import cache_dir
 

@@ -103,11 +103,13 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) ->
     missing = set(params) - set(names)
     if missing:
         raise KeyError(f"no HF source for parameters {sorted(missing)[:5]}")
-    if len(names) == len(table):  # the whole model: every HF tensor must find a home
-        used = {hf_name for m in table.values() for hf_name, _ in m.parts}
-        unused = [k for k in reader.files if k not in used and not k.endswith("rotary_emb.inv_freq")]
-        if unused:
-            raise ValueError(f"{folder}: checkpoint tensors the architecture does not use: {unused[:5]}")
+    # Every HF tensor must find a home in the whole model (the table is the whole model's on every
+    # pipeline stage too). A tied model's own lm_head.weight is ignored, as transformers ignores it.
+    used = {hf_name for m in table.values() for hf_name, _ in m.parts}
+    ignored = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    unused = [k for k in reader.files if k not in used and k not in ignored and not k.endswith("rotary_emb.inv_freq")]
+    if unused:
+        raise ValueError(f"{folder}: checkpoint tensors the architecture does not use: {unused[:5]}")
     with torch.no_grad():
         for native, key in names.items():
             mapping = table[key]
