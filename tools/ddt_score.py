@@ -117,7 +117,7 @@ def main():
         writer.close()
     dist.barrier()
     # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
-    # in a barrier that DeepSpeed's process group gives up on after 10 minutes (DEEPSPEED_TIMEOUT).
+    # in a barrier that gives up after --distributed-timeout-minutes.
     if dist.get_rank() == 0:
         with merge_shards(out, len(stream), out, "row"):
             summary = summarize(read_jsonl(out))

@@ -61,7 +61,7 @@ def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> Non
             del merged
     dist.barrier()  # every stage's files are on the file system
     if dist.get_rank() == 0:
-        sizes = {h: n for _, stage_sizes in stages for h, n in stage_sizes.items()}
+        sizes = {h: nbytes for _, stage_sizes in stages for h, nbytes in stage_sizes.items()}
         weight_map = {h: name_of(k) for k, (_, group) in enumerate(files) for h in group}
         write_hf_extras(tmp, pipe.cfg, tokenizer, next(p.dtype for p in pipe.parameters()),
                         weight_map if n > 1 else None, sum(sizes[h] for h in weight_map))
