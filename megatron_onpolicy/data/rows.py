@@ -91,7 +91,7 @@ class _ParquetReader:
                 while indices[k] >= self._start + len(self._batch):
                     self._start += len(self._batch)
                     self._batch = next(self._batches)
-                stop = bisect.bisect_left(indices, self._start + len(self._batch), k)  # ascending: this batch's
+                stop = bisect.bisect_left(indices, self._start + len(self._batch), k)  # (indices ascend)
                 local = [i - self._start for i in indices[k:stop]]
                 rows += [Row(obj, f"{self.path}:row {i + self._start}")
                          for i, obj in zip(local, self._batch.take(pa.array(local)).to_pylist())]

@@ -148,26 +148,33 @@ def hf_shapes(model: torch.nn.Module, names: dict = None) -> dict:
     return out
 
 
-def gather_hf_tensors(model: torch.nn.Module, native: str, key: str = None) -> dict:
-    """The full HF tensors (HF name -> tensor) of one native parameter, its TP shards merged on
-    every TP rank: a collective over TP. key: its name in weight_map's table (default: native)."""
+def gather_hf_tensors(model: torch.nn.Module, names: dict = None, skip=None):
+    """Yield each native parameter's full HF tensors (HF name -> tensor), one parameter at a time,
+    its TP shards merged on every TP rank: a collective over TP each, so every TP rank must iterate
+    alike. names: as for hf_shapes. skip(HF names): True for a parameter to pass over."""
     group = model.tp_group
     tp, _ = tp_size_rank(group)
-    mapping, local = weight_map(model.cfg, tp)[key or native], model.get_parameter(native).detach()
-    if mapping.dim is None:
-        return {mapping.parts[0][0]: local.clone()}
-    shards = [local] if tp == 1 else [torch.empty_like(local) for _ in range(tp)]
-    if tp > 1:
-        dist.all_gather(shards, local.contiguous(), group=group)
-    sizes = [(mapping.padded or size) // tp for _, size in mapping.parts]
-    pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
-    return {hf_name: torch.cat([p[j] for p in pieces], dim=mapping.dim).narrow(mapping.dim, 0, size).clone()
-            for j, (hf_name, size) in enumerate(mapping.parts)}
+    table = weight_map(model.cfg, tp)
+    for native, key in (names or {n: n for n, _ in model.named_parameters()}).items():
+        mapping = table[key]
+        if skip is not None and skip([hf_name for hf_name, _ in mapping.parts]):
+            continue
+        local = model.get_parameter(native).detach()
+        if mapping.dim is None:
+            yield {mapping.parts[0][0]: local.clone()}
+            continue
+        shards = [local] if tp == 1 else [torch.empty_like(local) for _ in range(tp)]
+        if tp > 1:
+            dist.all_gather(shards, local.contiguous(), group=group)
+        sizes = [(mapping.padded or size) // tp for _, size in mapping.parts]
+        pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
+        yield {hf_name: torch.cat([p[j] for p in pieces], dim=mapping.dim).narrow(mapping.dim, 0, size).clone()
+               for j, (hf_name, size) in enumerate(mapping.parts)}
 
 
 def gather_hf_state(model: torch.nn.Module) -> dict:
     """All of a (small) model's HF-named full tensors at once, on every TP rank."""
-    return {k: v for native in dict(model.named_parameters()) for k, v in gather_hf_tensors(model, native).items()}
+    return {k: v for merged in gather_hf_tensors(model) for k, v in merged.items()}
 
 
 def save_hf_folder(state: dict, cfg: ArchConfig, tokenizer, out: Path, dtype=None) -> None:

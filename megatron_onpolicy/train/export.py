@@ -49,10 +49,8 @@ def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> Non
         mine = [(k, set(group)) for k, (s, group) in enumerate(files) if s == stage]
         wanted = set().union(*(group for _, group in mine))
         held = {}  # the writer's merged tensors of its next file, on the host
-        for native, key in names.items():
-            if wanted.isdisjoint(shapes[native]):  # a tied embedding, in the first stage's files
-                continue
-            merged = gather_hf_tensors(pipe, native, key)  # on every TP rank of the stage
+        # (skipped: a tied embedding, in the first stage's files; the same on every TP rank)
+        for merged in gather_hf_tensors(pipe, names, skip=wanted.isdisjoint):
             if writes:
                 held.update((h, t.cpu()) for h, t in merged.items())
                 while mine and mine[0][1] <= held.keys():
