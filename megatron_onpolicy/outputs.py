@@ -3,6 +3,7 @@ input order into the final file under a temporary name, then renamed."""
 import datetime
 import decimal
 import json
+import math
 import os
 import re
 import uuid
@@ -178,17 +179,34 @@ def shard_files(out: Path) -> list:
     return sorted(out.parent.glob(f"{out.name}.part-*-of-*"))
 
 
+_LAYOUT = re.compile(r"\.part-(\d+)-of-(\d+)$")
+
+
+def share_files(out: Path, dp_rank: int, dp_size: int) -> list:
+    """The shard files of `out` that can hold rows of the share `shard_indices(n, dp_rank,
+    dp_size)`. File part-k-of-S holds rows i = k (mod S) only, so it meets the share (i = dp_rank
+    (mod dp_size)) exactly where k = dp_rank (mod gcd(S, dp_size)) (Chinese remainder theorem). A
+    restart on the same layout reads its own file, not every rank's; a file named otherwise is read."""
+    keep = []
+    for part in shard_files(out):
+        m = _LAYOUT.search(part.name)
+        if m is None or (int(m[1]) - dp_rank) % math.gcd(int(m[2]), dp_size) == 0:
+            keep.append(part)
+    return keep
+
+
 def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> tuple:
     """Every rank calls this, before any work: -> (this rank's ShardWriter, or None where it does
     not write; the indices of its group's share, `shard_indices(n, dp_rank, dp_size)`, that any
     earlier run wrote, whatever its number of ranks; how many rows all earlier runs wrote).
     Rank 0 first cuts torn last lines off every shard file of `out`; then each rank scans the
-    files for its own share only, so no rank holds (or receives) the indices of the others."""
+    files that can hold its share (`share_files`) for it, so no rank holds (or receives) the
+    indices of the others."""
     if dist.get_rank() == 0:
         for part in shard_files(out):
             cut_torn_line(part)
     dist.barrier()
-    done = {i for i in written_indices(shard_files(out)) if i % dp_size == dp_rank}
+    done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
     total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
     return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())

@@ -14,7 +14,8 @@ import pytest
 
 from megatron_onpolicy.ddt.score import Z_BINS, summarize
 from megatron_onpolicy.data import DataError
-from megatron_onpolicy.outputs import ShardWriter, check_writable, merge_shards, read_jsonl, shard_files, shard_path
+from megatron_onpolicy.outputs import (ShardWriter, check_writable, merge_shards, read_jsonl, shard_files, shard_path,
+                                       share_files, written_indices)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -42,6 +43,27 @@ def test_merge_two_layouts_out_of_order(tmp_path):
         assert [json.loads(line) for line in out.read_text().splitlines()] == [payload(i) for i in range(6)]
         assert len(shard_files(out)) == 3  # until what derives from the merged file is written
     assert shard_files(out) == []
+
+
+def test_a_restart_reads_only_the_files_that_can_hold_its_share(tmp_path):
+    # Runs of 2, 3 and 4 ranks each wrote their whole shares of 60 rows; a file of another name
+    # (copied in by hand) is read by every rank.
+    out = tmp_path / "out.jsonl"
+    for size in (2, 3, 4):
+        for rank in range(size):
+            write_part(out, rank, size, [(i, payload(i)) for i in range(rank, 60, size)])
+    odd = out.with_name(out.name + ".part-x-of-y")
+    odd.write_text(json.dumps({"index": 7}) + "\n")
+    for size in range(1, 7):
+        for rank in range(size):
+            every = {i for i in written_indices(shard_files(out)) if i % size == rank}
+            read = share_files(out, rank, size)
+            assert {i for i in written_indices(read) if i % size == rank} == every
+            assert odd in read
+    same_layout = set(share_files(out, 1, 3)) - {*(shard_path(out, k, s) for s in (2, 4) for k in range(s)), odd}
+    assert same_layout == {shard_path(out, 1, 3)}  # gcd(2, 3) = gcd(4, 3) = 1: every file of those layouts
+    assert set(share_files(out, 3, 4)) == {shard_path(out, 1, 2), *(shard_path(out, k, 3) for k in range(3)),
+                                           shard_path(out, 3, 4), odd}
 
 
 def test_a_failure_after_the_merge_keeps_the_shards(tmp_path):
