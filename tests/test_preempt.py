@@ -102,9 +102,21 @@ def test_signals_at_random_moments_save_within_one_iteration_and_resume_exactly(
 
 
 def test_time_limit_saves_and_exits_for_requeue(setup):
-    """--exit-duration-in-mins 0: the limit has passed at the first boundary, on every rank."""
+    """--exit-duration-in-mins 0: the limit has passed at the first boundary, on every rank. A run
+    given `--load A --save B` continues from B once B holds a checkpoint."""
     out = setup.tmp / "timed"
     codes = wait_all(start(flags(setup, out) + ["--exit-duration-in-mins", 0]))
     assert codes == [REQUEUE_EXIT] * 2
     assert (out / "latest").read_text() == "iter_0000001" and logged(out) == [1]
     assert read_metrics(out)[0]["loss"] == setup.full[0]["loss"]
+
+    # Continued into another folder: the first start takes --load, every requeue its own --save
+    # (were --load to win, each requeue would redo iteration 2 from `timed`'s checkpoint).
+    branch = setup.tmp / "branch"
+    for iteration in (2, 3):
+        codes = wait_all(start(flags(setup, branch) + ["--load", out, "--exit-duration-in-mins", 0]))
+        assert codes == [REQUEUE_EXIT] * 2
+        assert (branch / "latest").read_text() == f"iter_{iteration:07d}"
+    assert (out / "latest").read_text() == "iter_0000001"
+    assert [(m["iteration"], m["loss"]) for m in read_metrics(branch)] == \
+        [(m["iteration"], pytest.approx(m["loss"], rel=1e-6, abs=0)) for m in setup.full[1:3]]

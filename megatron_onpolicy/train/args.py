@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save", help="checkpoint folder (also holds metrics.jsonl)")
-    g.add_argument("--load", help="resume from the latest checkpoint in this folder "
-                   "(default: --save, when it holds a complete checkpoint)")
+    g.add_argument("--load", help="resume from the latest checkpoint in this folder; --save wins once it holds a "
+                   "complete checkpoint (a requeued job continues its own run)")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
     g.add_argument("--eval-interval", type=int, help="validate every N iterations (and at the end)")

@@ -33,8 +33,13 @@ def train(args) -> None:
     cli.start(tp, pp, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     ds_config = build_ds_config(args, dp, pp)
-    if args.load is None and args.save and checkpoint.has_complete(args.save):
-        args.load = args.save  # a requeued or resubmitted job continues from its newest checkpoint
+    if args.save and checkpoint.has_complete(args.save):
+        # A requeued or resubmitted job continues from its own newest checkpoint: were --load to win,
+        # every requeue of `--load A --save B` would start again from A and redo B's iterations.
+        if args.load and Path(args.load).resolve() != Path(args.save).resolve() and dist.get_rank() == 0:
+            print(f"resuming from --save {args.save}, which holds this run's newest checkpoint, "
+                  f"not --load {args.load}", flush=True)
+        args.load = args.save
     if args.load:
         checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
     stopper = preempt.Stop(preempt.SIGNALS if args.exit_signal_handler else (), args.exit_duration_in_mins) \
