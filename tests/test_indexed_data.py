@@ -5,6 +5,8 @@ or foreign files fail with one line naming the file."""
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,7 +18,7 @@ import transformers
 
 from megatron_onpolicy.data import DataError, collate, read_rows, tokenize_row
 from megatron_onpolicy.data.indexed import IndexedDataset
-from megatron_onpolicy.data.preprocess import Settings, preprocess
+from megatron_onpolicy.data.preprocess import Settings, _claim_tmp, preprocess
 from megatron_onpolicy.model.loader import load_tokenizer
 from megatron_onpolicy.train.batches import Part, TrainBatches, ValidBatches
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
@@ -224,6 +226,29 @@ def test_bad_files_fail_with_one_line_naming_the_file(setup, tmp_path):
         assert p.returncode == 2 and len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
         assert not (tmp_path / f"{name}-out").exists(), name
     assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.jsonl"]
+
+
+def test_a_killed_build_leaves_nothing_behind_the_next_one(setup, tmp_path):
+    """A build killed with SIGKILL cannot clean up: the next build of the prefix on this host removes
+    its folder, not a running build's, nor one of another host."""
+    s, bin_path = setup, tmp_path / "x.bin"
+    running, lock = _claim_tmp(bin_path)
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from pathlib import Path; from megatron_onpolicy.data.preprocess import _claim_tmp\n"
+        "tmp, lock = _claim_tmp(Path(sys.argv[1])); (tmp / 'bin').write_bytes(bytes(1000)); print(tmp.name, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)"), str(bin_path)], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    dead = tmp_path / killed.stdout.strip()
+    other_host = tmp_path / f".x.bin.tmp-not-{socket.gethostname()}-1234"
+    other_host.mkdir()
+    (other_host / "lock").touch()
+    assert (dead / "bin").exists() and (dead / "lock").exists()
+    preprocess(s.tmp / "a.jsonl", tmp_path / "x", s.model, Settings(), workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([running.name, other_host.name])
+    lock.close()  # the running build ends without cleaning up: now it is a dead one
+    preprocess(s.tmp / "a.jsonl", tmp_path / "x", s.model, Settings(), workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [other_host.name]
+    assert (tmp_path / "x.bin").read_bytes() == (s.tmp / "a.bin").read_bytes()
 
 
 def test_parquet_and_datasets_folder_stream_to_the_same_bytes(setup, tmp_path, monkeypatch):

@@ -3,14 +3,17 @@
 The main process reads the source in chunks of rows (JSONL lines, Parquet batches, dataset
 slices), workers tokenize them (a bounded number of chunks in flight, results taken in input
 order), and the main process appends them to temporary files: the .bin records and one file per
-index column. Memory
-stays bounded by the chunks in flight and the packing window, whatever the source's size; the
-output depends only on the input and the settings, not on the number of workers. The files get
-their final names only once complete (.bin, then .idx, then the .json sidecar last)."""
+index column. Memory stays bounded by the chunks in flight and the packing window, whatever the
+source's size; the output depends only on the input and the settings, not on the number of
+workers. The files get their final names only once complete (.bin, then .idx, then the .json
+sidecar last); the temporary folder of a build that was killed is removed by the next build of
+the same prefix on that host."""
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import zlib
 from collections import deque
@@ -77,7 +80,7 @@ def preprocess(source, prefix, tokenizer_path, settings: Settings, workers: int 
     dtype = token_dtype(len(tokenizer))
     bin_path, idx_path, json_path = paths(prefix)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bin_path.name}.tmp-", dir=bin_path.parent))
+    tmp, lock = _claim_tmp(bin_path)
     try:
         chunks, total = _chunks(source)
         writer = _Writer(tmp, dtype, settings)
@@ -103,6 +106,35 @@ def preprocess(source, prefix, tokenizer_path, settings: Settings, workers: int 
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
+
+
+def _claim_tmp(bin_path: Path):
+    """-> (a new temporary folder beside bin_path, the open file whose flock marks it in use).
+
+    A build that is killed (SIGKILL, a node lost, a job over its time limit) cannot remove its
+    folder, which may hold gigabytes. The kernel releases a dead process's flock, so an unlocked
+    folder is a dead build's: this removes those of its host first. Only its host's: a file
+    system whose locks are node-local (Lustre's localflock) cannot tell of another node's builds.
+    The lock file gets its name only once locked, so a folder named with one is never taken for
+    dead while its build starts."""
+    prefix = f".{bin_path.name}.tmp-{socket.gethostname()}-"
+    for stale in bin_path.parent.glob(prefix + "*"):
+        try:
+            with open(stale / "lock", "r+") as f:  # r+: never creates it, and NFS locks need write access
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # in use (BlockingIOError), no lock file yet, or no flock on this file system
+            pass
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=bin_path.parent))
+    lock = open(tmp / "lock.new", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # no flock here: the folder is never taken for a dead build's, and is left if killed
+    else:
+        os.replace(tmp / "lock.new", tmp / "lock")
+    return tmp, lock
 
 
 def _chunks(source: Path):
