@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .data import DataError
+from .ddt import fused
 from .generate.templates import TemplateError
 from .model.config import ModelConfigError
 from .model.hub import ModelPathError
@@ -40,6 +41,26 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 def check_decoding_args(p: argparse.ArgumentParser, args) -> None:
     if args.cuda_graph and not torch.cuda.is_available():
         p.error("--cuda-graph needs a CUDA device, and none is visible")
+
+
+def add_fused_loss_args(p, off_help: str, chunk_of: str) -> None:
+    p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false", help=off_help)
+    p.add_argument("--loss-chunk-size", type=int, help=f"tokens per chunk of the fused {chunk_of} (default: by memory)")
+    p.add_argument("--fused-loss-kernel", choices=fused.KERNELS,
+                   help="a chunk's softmax sums: compiled (the default; one torch.compile'd kernel, which needs a "
+                        "C++ compiler on the CPU and Triton on CUDA) or eager torch ops")
+
+
+def check_fused_loss_args(p, args) -> None:
+    """The chunk size and kernel set the fused path only: given with --no-fused-loss they would be
+    ignored, so they are an error."""
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        p.error(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size}")
+    if not args.fused_loss:
+        for dest in ("loss_chunk_size", "fused_loss_kernel"):
+            if getattr(args, dest) is not None:
+                p.error(f"--{dest.replace('_', '-')} sets the fused loss, which --no-fused-loss turns off")
+    args.fused_loss_kernel = args.fused_loss_kernel or "compiled"
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -67,7 +67,7 @@ def train_one_step(s, name, lr):
     result = launch(n, "--model", s.models[model], "--train-data", s.train, "--seq-length", 256,
                     "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
                     "--micro-batch-size", micro, "--global-batch-size", ROWS, "--train-iters", 1,
-                    "--loss", kind, *(() if fused else ("--no-fused-loss",)), "--loss-chunk-size", 37,
+                    "--loss", kind, *(("--loss-chunk-size", 37) if fused else ("--no-fused-loss",)),
                     # clipping out of the way: a threshold never reached, or none at stage 0, whose
                     # fp32 clipping under PP is refused (train/ds_config.py)
                     "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9 if zero else 0, "--lr-decay-style", "constant",
@@ -138,6 +138,10 @@ def test_one_step_updates_the_weights_like_the_dense_reference(setup, steps, nam
     (("--idft-beta", 0), "--idft-beta must be > 0, got 0.0"),
     (("--idft-gamma-min", 2, "--idft-gamma-max", 1), "--idft-gamma-min 2.0 exceeds --idft-gamma-max 1.0"),
     (("--loss-chunk-size", 0), "--loss-chunk-size must be >= 1, got 0"),
+    (("--no-fused-loss", "--loss-chunk-size", 64), "--loss-chunk-size sets the fused loss, which --no-fused-loss "
+                                                   "turns off"),
+    (("--fused-loss-kernel", "eager", "--no-fused-loss"), "--fused-loss-kernel sets the fused loss, which "
+                                                          "--no-fused-loss turns off"),
 ])
 def test_bad_loss_flags_are_one_line_errors(flags, error, capsys):
     with pytest.raises(SystemExit) as exit_:

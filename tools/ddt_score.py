@@ -40,17 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--no-eos", action="store_true",
                    help="score responses without the EOS target: text that was cut, not ended, where it stops")
     p.add_argument("--dump-tokens", action="store_true", help="also write token ids and per-token phi/logp/entropy")
-    p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
-                   help="build the head's logits first (default: the head fused with the statistics, chunked)")
-    p.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused statistics (default: by memory)")
-    p.add_argument("--fused-loss-kernel", choices=fused.KERNELS, default="compiled",
-                   help="a chunk's softmax sums: one torch.compile'd kernel or eager torch ops")
+    cli.add_fused_loss_args(p, "build the head's logits first (default: the head fused with the statistics, "
+                               "chunked)", "statistics")
     p.add_argument("--keep-keys", nargs="*", metavar="KEY",
                    help="input fields each output line carries (default: all; none if given no KEY)")
     add_stream_args(p)
     args = p.parse_args(argv)
-    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
-        p.error(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size}")
+    cli.check_fused_loss_args(p, args)
     return args
 
 

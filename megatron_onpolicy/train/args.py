@@ -8,7 +8,7 @@ import yaml
 from .. import cli
 from ..data import DataError
 from ..data.blend import parse_blend
-from ..ddt import LOSS_KINDS, IDFTConfig, fused
+from ..ddt import LOSS_KINDS, IDFTConfig
 from ..model.attention import BACKENDS
 from .recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, check_recompute_args
 
@@ -70,12 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idft-gamma-max", type=float, default=d.gamma_max)
     g.add_argument("--idft-warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--idft-transition-ratio", type=float, default=d.transition_ratio)
-    g.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
-                   help="build the head's logits and run the loss on them (default: the fused chunked head + loss)")
-    g.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the fused loss (default: by memory)")
-    g.add_argument("--fused-loss-kernel", choices=fused.KERNELS, default="compiled",
-                   help="a chunk's softmax sums: one torch.compile'd kernel (needs a C++ compiler on the CPU, "
-                        "Triton on CUDA) or eager torch ops")
+    cli.add_fused_loss_args(g, "build the head's logits and run the loss on them (default: the fused chunked "
+                               "head + loss)", "loss")
 
     g = p.add_argument_group("activation recomputation (Megatron's flags; train/recompute.py)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
@@ -119,8 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(blend) > 1 and args.epochs:
         p.error("--epochs needs one --train-data PATH; a blend is sized by --train-iters")
     for dest in ("train_iters", "epochs", "seq_length", "micro_batch_size", "global_batch_size",
-                 "save_interval", "eval_interval", "exit_interval", "keep_last", "loss_chunk_size",
-                 "recompute_num_layers"):
+                 "save_interval", "eval_interval", "exit_interval", "keep_last", "recompute_num_layers"):
         value = getattr(args, dest)
         if value is not None and value < 1:
             p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
@@ -133,6 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} needs --save")
     if args.eval_interval and not args.valid_data:
         p.error("--eval-interval needs --valid-data")
+    cli.check_fused_loss_args(p, args)
     check_recompute_args(p, args)
     return args
 
