@@ -5,12 +5,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
-from megatron_onpolicy.data import (DataError, Sample, collate, collate_packed, epoch_order, fit_length,
-                                    pack, read_rows, shard_indices, tokenize_row)
+from megatron_onpolicy.data import (DataError, Sample, collate, collate_packed, fit_length, pack, read_rows,
+                                    shard_indices, tokenize_row)
+from megatron_onpolicy.data.blend import permutation
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is \\boxed{5}."},
@@ -207,11 +209,12 @@ def test_shard_indices_cover_every_row_once():
     assert list(shard_indices(10, 1, 3)) == [1, 4, 7]
 
 
-def test_epoch_order_deterministic_and_per_epoch():
-    assert epoch_order(50, 1234, 0) == epoch_order(50, 1234, 0)
-    assert sorted(epoch_order(50, 1234, 3)) == list(range(50))
-    assert epoch_order(50, 1234, 0) != epoch_order(50, 1234, 1)
-    assert epoch_order(50, 1234, 0) != epoch_order(50, 99, 0)
+def test_epoch_permutation_deterministic_and_per_epoch_and_part():
+    first = permutation(50, 1234, 0, 0)
+    assert first.dtype == np.int32 and np.array_equal(first, permutation(50, 1234, 0, 0))
+    assert sorted(permutation(50, 1234, 0, 3).tolist()) == list(range(50))
+    for other in (permutation(50, 1234, 0, 1), permutation(50, 99, 0, 0), permutation(50, 1234, 1, 0)):
+        assert not np.array_equal(first, other)
 
 
 # --- bundled data ---

@@ -1,4 +1,4 @@
-"""Samples -> model batches: DP sharding, the per-epoch order, overlong samples, padding, packing.
+"""Samples -> model batches: DP sharding, overlong samples, padding, packing.
 
 The model at position t predicts token t+1, so a batch carries `targets[:, t] = input_ids[:, t+1]`
 and `loss_mask[:, t]` = the sample's loss mask at t+1. Where position t has no next token of the
@@ -16,12 +16,6 @@ IGNORE = -100
 def shard_indices(n: int, dp_rank: int, dp_size: int) -> range:
     """Rows of one data-parallel rank, strided so that ranks see rows of similar mix and count."""
     return range(dp_rank, n, dp_size)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(n), the same on every rank, different each epoch."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def fit_length(sample: Sample, seq_length: int, mode: str) -> Sample | None:
