@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors.torch import save_file
 
-from megatron_onpolicy.model.hf_io import gather_hf_state, save_hf_folder
+from megatron_onpolicy.model.hf_io import gather_hf_tensors, write_hf_extras
 from megatron_onpolicy.model.loader import load_model
 from megatron_onpolicy.parallel.mappings import gather_from_tp
 from tests.dist_utils import run_distributed
@@ -82,9 +83,11 @@ def test_tp_logits_match_transformers(hf_models):
 
 def _export_worker(rank, world, folder, out, ids):
     model, _ = load_model(str(folder), dist.group.WORLD)
-    state = gather_hf_state(model)
+    state = {k: v for merged in gather_hf_tensors(model) for k, v in merged.items()}  # every TP rank takes part
     if rank == 0:
-        save_hf_folder(state, model.cfg, None, out)
+        out.mkdir()
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        write_hf_extras(out, model.cfg, None, torch.float32)
     dist.barrier()
     return sharded_logits(model, ids)
 

@@ -4,14 +4,12 @@ A native parameter is the concatenation, along one dim, of per-rank chunks of on
 tensors (fused qkv = [q | k | v] chunks, fused gate_up = [gate | up] chunks). The same table
 drives import (slice) and export (gather and un-concatenate)."""
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..parallel.layers import padded_vocab_size, tp_size_rank
 from .config import ArchConfig
@@ -170,30 +168,6 @@ def gather_hf_tensors(model: torch.nn.Module, names: dict = None, skip=None):
         pieces = [s.split(sizes, dim=mapping.dim) for s in shards]
         yield {hf_name: torch.cat([p[j] for p in pieces], dim=mapping.dim).narrow(mapping.dim, 0, size).clone()
                for j, (hf_name, size) in enumerate(mapping.parts)}
-
-
-def gather_hf_state(model: torch.nn.Module) -> dict:
-    """All of a (small) model's HF-named full tensors at once, on every TP rank."""
-    return {k: v for merged in gather_hf_tensors(model) for k, v in merged.items()}
-
-
-def save_hf_folder(state: dict, cfg: ArchConfig, tokenizer, out: Path, dtype=None) -> None:
-    """Write a transformers-loadable folder (safetensors + config + tokenizer), atomically."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    from .hub import replace_dir
-
-    out = Path(out)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    split = split_torch_state_dict_into_shards(state, max_shard_size="4GB")
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: state[k].contiguous() for k in keys}, tmp / filename, metadata={"format": "pt"})
-    write_hf_extras(tmp, cfg, tokenizer, next(iter(state.values())).dtype,
-                    split.tensor_to_filename if split.is_sharded else None)
-    replace_dir(tmp, out)
 
 
 def write_hf_extras(folder: Path, cfg: ArchConfig, tokenizer, dtype, weight_map: dict = None,
