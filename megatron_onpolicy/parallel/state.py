@@ -147,7 +147,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:
     _TOPOLOGY = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     rank = dist.get_rank()
     _GROUPS.clear()
-    for axis in ("model", "data", "pipe"):
+    for axis in ("model", "data"):  # DeepSpeed's PipelineModule makes the pipeline's own groups
         for ranks in _TOPOLOGY.get_axis_comm_lists(axis):
             group = dist.new_group(ranks)  # collective: all ranks create all groups
             if rank in ranks:
@@ -189,10 +189,6 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_rank() -> int:
     return _coord("data")
-
-
-def get_pipeline_model_parallel_group():
-    return _GROUPS["pipe"]
 
 
 def get_pipeline_model_parallel_world_size() -> int:
