@@ -106,10 +106,12 @@ def test_export_round_trip(hf_models, tmp_path, kind):
         assert torch.equal(exported[name], tensor), name
 
 
-def test_checkpoint_tensors_the_model_does_not_use_are_an_error_on_every_stage(hf_models, tmp_path):
+def test_checkpoints_that_disagree_with_their_config_are_errors(hf_models, tmp_path):
     """A tensor no part of the model takes (a checkpoint of another architecture, say) stops the
-    load on a pipeline stage too, not only where one rank holds the whole model. A tied model's
-    own copy of lm_head.weight is ignored, as transformers ignores it."""
+    load on a pipeline stage too, not only where one rank holds the whole model; so does a tensor
+    larger than config.json says (a slice of it would fit the shard). A tied model's own
+    lm_head.weight is ignored where it is a copy of the embedding, as transformers ignores it, and
+    an error where it differs (transformers then unties the model)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -120,21 +122,71 @@ def test_checkpoint_tensors_the_model_does_not_use_are_an_error_on_every_stage(h
 
     source, reference = hf_models["llama-tied"]
     weights = load_file(source / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
     ids = torch.randint(0, VOCAB, (1, 7))
-    for extra, error in (("model.layers.0.mlp.extra.weight", True), ("lm_head.weight", False)):
-        folder = tmp_path / extra
+    cases = {  # name: (tensors replaced or added, the error, or None)
+        "extra": ({"model.layers.0.mlp.extra.weight": torch.randn(VOCAB, 64)},
+                  r"checkpoint tensors the architecture does not use: \['model.layers.0.mlp.extra.weight'\]"),
+        "wide": ({"model.layers.0.mlp.up_proj.weight": torch.randn(128, 64)},
+                 r"tensor 'model.layers.0.mlp.up_proj.weight' has shape \(128, 64\), config.json gives \(96, 64\)"),
+        "head-copy": ({"lm_head.weight": embed.clone()}, None),
+        "head-other": ({"lm_head.weight": embed + 1e-3}, "lm_head.weight differs from model.embed_tokens.weight"),
+    }
+    for name, (tensors, error) in cases.items():
+        folder = tmp_path / name
         shutil.copytree(source, folder)
-        save_file({**weights, extra: torch.randn(VOCAB, 64)}, folder / "model.safetensors")
+        save_file({**weights, **tensors}, folder / "model.safetensors")
+        stage = TransformerLM(load_arch(str(folder))[1], None)
         if error:
-            stage = TransformerLM(load_arch(str(folder))[1], None)
             stage.layers = stage.layers[:1]  # a first stage's share of the layers
-            with pytest.raises(ValueError, match=r"checkpoint tensors the architecture does not use: "
-                                                 r"\['model.layers.0.mlp.extra.weight'\]"):
+            with pytest.raises(ValueError, match=error):
                 load_hf_weights(stage, folder)
         else:
-            model, _ = load_model(str(folder))
+            load_hf_weights(stage, folder)
             with torch.no_grad():
-                torch.testing.assert_close(sharded_logits(model, ids), reference(ids).logits, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(stage(ids), reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, key, value", [
+    ("llama", "sliding_window", 4),      # transformers' Llama has no window
+    ("mistral", "attention_bias", True),  # Mistral's and Qwen3's MLPs, Mistral's attention: no bias
+    ("qwen3", "mlp_bias", True),
+])
+def test_config_keys_a_family_does_not_read_change_nothing(tmp_path, kind, key, value):
+    import json
+
+    config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+              "qwen3": transformers.Qwen3Config}[kind](
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **({"sliding_window": None} if kind == "mistral" else {}))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model, _ = load_model(str(tmp_path))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded_logits(model, ids), reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     "rope_type 'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                          "long_factor": [2.0] * 8, "original_max_position_embeddings": 16}},
+     "rope_type 'longrope' is not supported"),
+])
+def test_configs_it_would_compute_differently_are_refused(change, error):
+    """transformers computes these differently from the model here (another activation; RoPE
+    frequencies recomputed once the input outgrows a length): refused, not run wrongly."""
+    from megatron_onpolicy.model.config import ArchConfig, ModelConfigError
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64, **change)
+    with pytest.raises(ModelConfigError, match=error):
+        ArchConfig.from_hf(config)
 
 
 def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):

@@ -31,13 +31,22 @@ class ArchConfig:
         kind = hf.model_type
         if kind not in SUPPORTED:
             raise ModelConfigError(f"model_type '{kind}' is not supported (supported: {', '.join(SUPPORTED)})")
-        # Which layers slide, as transformers decides it: layer_types where the config has them
-        # (Qwen2/3), otherwise every layer when a window is set (Mistral).
+        # What transformers' modeling code of each family reads, and only that: a key it ignores
+        # (a Llama config's sliding_window, a Mistral config's attention_bias) must not change ours.
+        act = getattr(hf, "hidden_act", "silu")
+        if act != "silu":
+            raise ModelConfigError(f"hidden_act '{act}' is not supported (the Llama family's MLP is silu)")
+        rope = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope in ("dynamic", "longrope"):  # transformers recomputes these frequencies for long inputs
+            raise ModelConfigError(f"rope_type '{rope}' is not supported (its frequencies depend on the input length)")
+        # Which layers slide: layer_types (Qwen2/3 derive them from use_sliding_window and
+        # max_window_layers), every layer of a Mistral when a window is set, no layer of a Llama.
         window = getattr(hf, "sliding_window", None)
-        types = getattr(hf, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * hf.num_hidden_layers
+        types = getattr(hf, "layer_types", None) or \
+            ["sliding_attention" if window and kind == "mistral" else "full_attention"] * hf.num_hidden_layers
         windows = tuple(window if t == "sliding_attention" else None for t in types)
         heads = hf.num_attention_heads
-        bias = bool(getattr(hf, "attention_bias", False))
+        bias = kind in ("llama", "qwen3") and bool(getattr(hf, "attention_bias", False))
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -50,7 +59,7 @@ class ArchConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bias,
             o_bias=kind != "qwen2" and bias,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            mlp_bias=kind == "llama" and bool(getattr(hf, "mlp_bias", False)),
             qk_norm=kind == "qwen3",
             windows=windows,
             hf_config=hf,
