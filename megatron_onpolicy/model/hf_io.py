@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from ..parallel.layers import padded_vocab_size, tp_size_rank
-from .config import ArchConfig
+from .config import ArchConfig, ModelConfigError
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,25 @@ class SafetensorsReader:
             raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
         self.folder, self.files, self._open = folder, files, {}
 
-    def slice(self, name: str, dim, start: int, stop: int) -> torch.Tensor:
+    def _get(self, name: str):
         if name not in self.files:
             raise KeyError(f"{self.folder}: tensor '{name}' missing from the checkpoint")
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(self.folder / file, "pt")
-        s = self._open[file].get_slice(name)
+        return self._open[file].get_slice(name)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._get(name).get_shape())
+
+    def equal(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether two tensors are equal, read a block of rows at a time."""
+        return self.shape(a) == self.shape(b) and all(
+            torch.equal(self.slice(a, 0, i, i + rows), self.slice(b, 0, i, i + rows))
+            for i in range(0, self.shape(a)[0], rows))
+
+    def slice(self, name: str, dim, start: int, stop: int) -> torch.Tensor:
+        s = self._get(name)
         if dim is None:
             return s[:]
         return s[start:stop] if dim == 0 else s[:, start:stop]
@@ -102,12 +114,23 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) ->
     if missing:
         raise KeyError(f"no HF source for parameters {sorted(missing)[:5]}")
     # Every HF tensor must find a home in the whole model (the table is the whole model's on every
-    # pipeline stage too). A tied model's own lm_head.weight is ignored, as transformers ignores it.
+    # pipeline stage too). A tied model's own lm_head.weight may only be a copy of the embedding:
+    # transformers unties a model whose checkpoint holds a different one.
     used = {hf_name for m in table.values() for hf_name, _ in m.parts}
     ignored = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     unused = [k for k in reader.files if k not in used and k not in ignored and not k.endswith("rotary_emb.inv_freq")]
     if unused:
         raise ValueError(f"{folder}: checkpoint tensors the architecture does not use: {unused[:5]}")
+    if ignored and ignored[0] in reader.files and "embed.weight" in names.values() and not reader.equal(
+            "lm_head.weight", "model.embed_tokens.weight"):
+        raise ModelConfigError(f"{folder}: config.json ties the output head to the embedding, but the checkpoint's "
+                               "lm_head.weight differs from model.embed_tokens.weight (set tie_word_embeddings false)")
+    # Whole tensors, checked before any is sliced: a slice of a larger tensor would fit the shard.
+    for hf_shape in hf_shapes(model, names).values():
+        for hf_name, shape in hf_shape.items():
+            if reader.shape(hf_name) != shape:
+                raise ModelConfigError(f"{folder}: tensor '{hf_name}' has shape {reader.shape(hf_name)}, config.json "
+                                       f"gives {shape}")
     with torch.no_grad():
         for native, key in names.items():
             mapping = table[key]
@@ -121,11 +144,7 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) ->
                 if pad:
                     t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
                 chunks.append(t)
-            value = torch.cat(chunks, dim=mapping.dim or 0)
-            param = params[native]
-            if value.shape != param.shape:
-                raise ValueError(f"{hf_name}: shape {tuple(value.shape)} does not fit {native} {tuple(param.shape)}")
-            param.copy_(value)
+            params[native].copy_(torch.cat(chunks, dim=mapping.dim or 0))
 
 
 def hf_shapes(model: torch.nn.Module, names: dict = None) -> dict:
