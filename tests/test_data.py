@@ -77,6 +77,21 @@ def test_messages_mask_only_assistant_turns(tok):
     assert "Be brief." in unmasked and "What is 4 x 4?" in unmasked and "16" not in unmasked
 
 
+def test_a_cut_last_message_has_no_eos_target(tok):
+    """eos=False (ddt_score --no-eos): the conversation's last assistant message loses its EOS
+    target, the earlier turns keep theirs; a one-turn conversation scores what the same
+    prompt / response row does."""
+    s = tokenize_row(tok, {"messages": MESSAGES}, "m.jsonl:1", 0, eos=False)
+    turns = [tok.decode(r) for r in runs(s.input_ids, s.loss_mask)]
+    assert turns == [MESSAGES[2]["content"] + tok.eos_token, MESSAGES[4]["content"]]
+    row = {"prompt": MESSAGES[3]["content"], "response": MESSAGES[4]["content"]}
+    for eos in (True, False):
+        plain = tokenize_row(tok, row, "r:1", 0, eos=eos)
+        one_turn = tokenize_row(tok, {"messages": [{"role": "user", "content": row["prompt"]},
+                                                   {"role": "assistant", "content": row["response"]}]}, "m:1", 0, eos=eos)
+        assert runs(one_turn.input_ids, one_turn.loss_mask) == runs(plain.input_ids, plain.loss_mask)
+
+
 def test_messages_errors(tok, monkeypatch):
     with pytest.raises(DataError, match=r"^m:3: field 'messages': no assistant turn$"):
         tokenize_row(tok, {"messages": MESSAGES[:2]}, "m:3", 0)

@@ -26,10 +26,11 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
 
 def tokenize_row(tokenizer, row: dict, source: str, index: int, prompt_key="prompt",
                  response_key="response", messages_key="messages", eos: bool = True) -> Sample:
-    """eos=False: a response that was cut (it did not end there) gets no EOS target."""
+    """eos=False: a response that was cut (it did not end there) gets no EOS target; in a
+    conversation, the last message where it is the assistant's."""
     if prompt_key not in row and response_key not in row:
         if messages_key in row:
-            return _tokenize_messages(tokenizer, row[messages_key], source, index, messages_key)
+            return _tokenize_messages(tokenizer, row[messages_key], source, index, messages_key, eos)
         raise DataError(f"{source}: field '{prompt_key}' missing "
                         f"(a row needs '{prompt_key}' and '{response_key}', or '{messages_key}')")
     prompt = _text(row, prompt_key, source)
@@ -64,7 +65,7 @@ def _text(row: dict, key: str, source: str, prefix: str = "") -> str:
     return value
 
 
-def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str) -> Sample:
+def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str, eos: bool = True) -> Sample:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{source}: field '{key}' must be a non-empty list of {{role, content}}")
     for i, m in enumerate(messages):
@@ -91,9 +92,10 @@ def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str) -
                             "conversation turn by turn, so the assistant tokens cannot be located")
         turn = after[len(before):]
         # Generation stops at EOS: what the template puts after it (e.g. a newline) is glue, not a
-        # target, as for prompt/response rows where the loss ends at EOS.
+        # target, as for prompt/response rows where the loss ends at EOS. A last message that was
+        # cut (eos=False) has no EOS target either.
         if tokenizer.eos_token_id in turn:
-            turn = turn[:turn.index(tokenizer.eos_token_id) + 1]
+            turn = turn[:turn.index(tokenizer.eos_token_id) + (eos or i < len(messages) - 1)]
         mask[len(before):len(before) + len(turn)] = [1] * len(turn)
     if 1 not in mask:
         raise DataError(f"{source}: field '{key}': no assistant turn")
