@@ -137,3 +137,23 @@ def test_bad_input_fails_with_one_clear_line(tmp_path):
         if name in BAD:
             assert f"{name}.jsonl" in errors[0]
     assert not list(tmp_path.glob("*.out.jsonl*")), "nothing is written for bad input"
+
+
+def test_dumped_response_ids_are_the_scored_tokens_of_a_conversation(tmp_path):
+    """--dump-tokens: one response id per phi, also where the scored tokens are a conversation's
+    assistant turns (not everything after the first one: template glue and the user's turns)."""
+    from megatron_onpolicy.data import tokenize_row
+    from megatron_onpolicy.ddt.score import score_batch
+    from megatron_onpolicy.model.loader import load_model, load_tokenizer
+    from tests.train_utils import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny", layers=1)
+    model, _ = load_model(str(folder))
+    tok = load_tokenizer(folder)
+    turns = ["Hello! How can I help?", "4 x 4 = 16."]
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": turns[0]},
+                {"role": "user", "content": "What is 4 x 4?"}, {"role": "assistant", "content": turns[1]}]
+    sample = tokenize_row(tok, {"messages": messages}, "m:1", 0)
+    row, = score_batch(model, [sample], 0, dump_tokens=True)
+    assert len(row["response_ids"]) == len(row["phi"]) == row["num_tokens"]
+    assert tok.decode(row["response_ids"]) == "".join(t + tok.eos_token for t in turns)

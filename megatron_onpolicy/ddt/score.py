@@ -42,9 +42,9 @@ def score_batch(model, samples, pad_id, dump_tokens=False, fused=True, chunk_siz
                "avg_logp": float(logp.mean()), "avg_entropy": float(ent.mean())}
         for t in PHI_THRESHOLDS:
             row[f"frac_phi_gt_{t}"] = float((phi > t).double().mean())
-        if dump_tokens:
+        if dump_tokens:  # response_ids: the scored tokens, one per phi (a conversation's assistant turns)
             row.update(prompt_ids=sample.input_ids[:sample.prompt_len],
-                       response_ids=sample.input_ids[sample.prompt_len:],
+                       response_ids=[t for t, m in zip(sample.input_ids, sample.loss_mask) if m],
                        phi=phi.tolist(), logp=logp.tolist(), entropy=ent.tolist())
         rows.append(row)
     return rows
