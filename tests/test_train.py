@@ -257,6 +257,56 @@ def test_slurm_environment():
     assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a007",
                               "MASTER_PORT": "23456"}
     assert [first_host(x) for x in ("node1,node2", "n[1-2]-ib[3-4],x", "a[05]")] == ["node1", "n1-ib3", "a05"]
+    # An srun step of 6 tasks on the job's last nodes (srun -n 6 --exclude gpu-a007)
+    step = {**env, "SLURM_STEP_NUM_TASKS": "6", "SLURM_STEP_NODELIST": "gpu-a[008-009,012]"}
+    assert slurm_env(step) == {**slurm_env(env), "WORLD_SIZE": "6", "MASTER_ADDR": "gpu-a008"}
+    # Who placed the process: the batch script (no step), srun (its pmi2 plugin too), an MPI launcher.
+    assert not state.srun_task(env) and state.srun_task(step) and not state._mpi_launched(step)
+    assert not state._mpi_launched({**step, "PMI_RANK": "5", "PMI_SIZE": "6"})  # srun --mpi=pmi2
+    assert state._mpi_launched({**step, "PMI_RANK": "17", "PMI_SIZE": "32"})  # mpiexec's proxy step, one a node
+    assert state._mpi_launched({**env, "OMPI_COMM_WORLD_RANK": "3"})
+
+
+def test_a_plain_process_in_a_batch_script_is_a_job_of_one(tmp_path):
+    """The batch script's own environment has SLURM_PROCID 0 and SLURM_NTASKS N: a `python
+    tool.py` there joined a world of N and waited for ranks that never came."""
+    child = ("import torch.distributed as dist\n"
+             "from megatron_onpolicy.parallel import state\n"
+             "state.init_distributed(0.2)\n"
+             "print(dist.get_world_size())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="localhost")
+    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip().splitlines()[-1:] == ["1"], result.stderr[-3000:]
+
+
+def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch):
+    """srun --gpus-per-task=1: DeepSpeed's init_process_group binds NCCL to cuda:LOCAL_RANK, so
+    LOCAL_RANK must be the GPU ordinal (0) by then, not the task's rank on its node (3): torch
+    refuses cuda:3 where one GPU is visible. (No GPU here: the CUDA calls are stand-ins.)"""
+    import deepspeed
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init_distributed(**kwargs):
+        seen["LOCAL_RANK"], seen["device"] = os.environ["LOCAL_RANK"], seen.get("device")
+        raise Stop
+
+    monkeypatch.setattr(state, "_NODE_RANK", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("device", d))
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    for key, value in dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(Stop):
+        state.init_distributed()
+    assert seen == {"LOCAL_RANK": "0", "device": 0} and state.node_local_rank() == 3
 
 
 def test_distributed_timeout_reaches_the_process_group():
@@ -265,9 +315,12 @@ def test_distributed_timeout_reaches_the_process_group():
     child = ("import torch, torch.distributed as dist\n"
              "from megatron_onpolicy.parallel import state\n"
              "state.init_distributed(37)\n"
-             "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)\n")
+             "state.initialize_model_parallel(1, 1)\n"
+             "for group in (dist.group.WORLD, state.get_data_parallel_group(), dist.new_group([0])):\n"
+             "    print(group._get_backend(torch.device('cpu')).options._timeout)\n")
     result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.stdout.strip().splitlines()[-1] == "0:37:00", result.stderr[-3000:]
+    # the world, our groups, and a group made without a timeout (as DeepSpeed makes its pipeline's)
+    assert result.stdout.strip().splitlines()[-3:] == ["0:37:00"] * 3, result.stdout + result.stderr[-3000:]
     assert parse_args(["--train-data", "a", "--train-iters", "1", "--deepspeed_config", "x.json",
                        "--distributed-timeout-minutes", "37"]
                       ).distributed_timeout_minutes == 37

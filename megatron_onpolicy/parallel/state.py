@@ -10,6 +10,7 @@ import re
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 _TOPOLOGY = None
 _GROUPS = {}
@@ -26,27 +27,53 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     first rank to build the data cache.
 
     deepspeed.comm reads the launcher's environment (deepspeed, torchrun) and, failing that,
-    discovers rank and world size through MPI (mpirun, or srun with a PMI plugin). A plain srun
-    step sets only SLURM's variables, which are translated here."""
+    discovers rank and world size through MPI (mpirun, mpiexec). An srun step's tasks (with or
+    without srun's PMI plugin) are placed by SLURM's variables, translated here."""
     if dist.is_initialized():
         return
     import deepspeed
 
-    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    if not launched and "SLURM_PROCID" in os.environ:
-        for key, value in slurm_env(os.environ).items():
-            os.environ.setdefault(key, value)
-    elif not launched:  # plain `python tool.py`: a job of one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    env = os.environ
+    if "RANK" not in env and srun_task(env) and not _mpi_launched(env):
+        for key, value in slurm_env(env).items():
+            env.setdefault(key, value)
+    elif "RANK" not in env and not _mpi_launched(env):  # plain `python tool.py`, also inside a batch script
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
 
     _share_cpu_cores()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
-    _unlink_shm_workspace()
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda and "LOCAL_RANK" in env:
+        # Before the process group: DeepSpeed binds NCCL to cuda:LOCAL_RANK, out of range on a
+        # task that sees one GPU (srun --gpus-per-task=1) unless LOCAL_RANK is its ordinal.
         torch.cuda.set_device(_local_rank_as_gpu_ordinal(torch.cuda.device_count()))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # Every later group too, DeepSpeed's pipeline groups included, which it makes without a
+    # timeout: torch's default for those is 10 minutes (NCCL), whatever the flag says.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True, verbose=False,
+                               timeout=timeout)
+    _unlink_shm_workspace()
+    if cuda and _NODE_RANK is None:  # LOCAL_RANK came from DeepSpeed's MPI discovery
+        torch.cuda.set_device(_local_rank_as_gpu_ordinal(torch.cuda.device_count()))
+
+
+def srun_task(env) -> bool:
+    """A task of an srun step. The batch script has SLURM_PROCID too (0), but no step variables:
+    a plain `python tool.py` there is a job of one process, not rank 0 of SLURM_NTASKS."""
+    return "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+
+
+def _mpi_launched(env) -> bool:
+    """Started by an MPI launcher. srun's own PMI plugin (--mpi=pmi2) sets PMI_RANK as well, equal
+    to the task's SLURM_PROCID; an MPI launcher inside an allocation starts its ranks from srun
+    steps of its own (one task a node), whose SLURM_PROCID is not the rank."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return True
+    if "PMI_RANK" not in env:
+        return False
+    return not (srun_task(env) and env["PMI_RANK"] == env["SLURM_PROCID"]
+                and env.get("PMI_SIZE", env["SLURM_STEP_NUM_TASKS"]) == env["SLURM_STEP_NUM_TASKS"])
 
 
 def _local_rank_as_gpu_ordinal(visible: int) -> int:
@@ -100,11 +127,11 @@ def _share_cpu_cores() -> None:
 
 def slurm_env(env) -> dict:
     """torch.distributed's variables for one task of an srun step. The rendezvous is the first
-    node of the job on a port derived from the job id, so jobs sharing a node do not collide.
-    (An MPI launcher inside an allocation wins: its tasks inherit the batch step's SLURM_PROCID.)"""
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")),
+    node of the step (which need not be the job's: `srun --exclude`) on a port derived from the
+    job id, so jobs sharing a node do not collide."""
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": first_host(nodes),
             "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
 
 
