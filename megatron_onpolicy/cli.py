@@ -63,6 +63,18 @@ def check_fused_loss_args(p, args) -> None:
     args.fused_loss_kernel = args.fused_loss_kernel or "compiled"
 
 
+# Flags that set how a tool runs, not what an output row holds: a restarted run may change them.
+RUN_ONLY = ("out", "out_dir", "window", "batch_size", "micro_batch_size", "tensor_model_parallel_size",
+            "distributed_timeout_minutes", "local_rank", "cuda_graph", "fused_loss", "loss_chunk_size",
+            "fused_loss_kernel")
+
+
+def row_settings(args, *run_only: str) -> dict:
+    """The flags a tool's output rows depend on (outputs.open_shards keeps them beside the shards);
+    run_only: the tool's own flags that do not."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY + run_only}
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
     p.add_argument("--prompt-key", default="prompt")

@@ -195,17 +195,38 @@ def share_files(out: Path, dp_rank: int, dp_size: int) -> list:
     return keep
 
 
-def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device) -> tuple:
+def settings_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.settings.json")
+
+
+def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device, settings: dict) -> tuple:
     """Every rank calls this, before any work: -> (this rank's ShardWriter, or None where it does
     not write; the indices of its group's share, `shard_indices(n, dp_rank, dp_size)`, that any
     earlier run wrote, whatever its number of ranks; how many rows all earlier runs wrote).
     Rank 0 first cuts torn last lines off every shard file of `out`; then each rank scans the
     files that can hold its share (`share_files`) for it, so no rank holds (or receives) the
-    indices of the others."""
+    indices of the others.
+
+    settings: what a row's output depends on (input, model, generation settings), kept beside
+    the shards by the run that starts them: a restart with other settings is an error, not a file
+    of rows made two ways."""
+    path = settings_path(out)
+    settings = json.loads(json.dumps(settings))  # as the file holds them (tuples are lists)
     if dist.get_rank() == 0:
-        for part in shard_files(out):
+        parts = shard_files(out)
+        for part in parts:
             cut_torn_line(part)
+        if not parts:
+            write_json_atomic(path, settings)
     dist.barrier()
+    if path.exists():  # (shards of a version that kept no settings are taken as they are)
+        before = json.loads(path.read_text())
+        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(before.keys() | settings.keys())
+                   if before.get(k) != settings.get(k)]
+        if changed:
+            raise DataError(f"{out}: its rows so far were made with other settings ({'; '.join(changed)}): "
+                            f"rerun with those, or write elsewhere")
     done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
     total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
@@ -224,6 +245,7 @@ def merge_shards(out: Path, expected: int, final: Path, field: str = None):
     write_jsonl_atomic(final, _rows_in_order(parts, part_of, offset, field))
     yield
     remove_shards(parts)
+    settings_path(out).unlink(missing_ok=True)
 
 
 def read_jsonl(path: Path):

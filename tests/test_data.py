@@ -87,8 +87,8 @@ def test_a_cut_last_message_has_no_eos_target(tok):
     row = {"prompt": MESSAGES[3]["content"], "response": MESSAGES[4]["content"]}
     for eos in (True, False):
         plain = tokenize_row(tok, row, "r:1", 0, eos=eos)
-        one_turn = tokenize_row(tok, {"messages": [{"role": "user", "content": row["prompt"]},
-                                                   {"role": "assistant", "content": row["response"]}]}, "m:1", 0, eos=eos)
+        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        one_turn = tokenize_row(tok, {"messages": turns}, "m:1", 0, eos=eos)
         assert runs(one_turn.input_ids, one_turn.loss_mask) == runs(plain.input_ids, plain.loss_mask)
 
 

@@ -124,6 +124,10 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
         part.write_text("".join(good))
     assert 2 <= len(done) < len(rows)
 
+    # Rows made two ways would be summarized as one (pass@k of k = 1 over rows of 2 samples).
+    other = subprocess.run([*cmd(), "--samples", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "rerun with those" in other.stderr and "samples 2 -> 1" in other.stderr, \
+        other.stderr[-3000:]
     second = subprocess.run(cmd(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming: {len(done)} rows already done" in second.stdout
@@ -132,7 +136,7 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     for i, got in enumerate(final):
         assert (got["completions"] == ["kept"] * 2) == (i in done)
         assert len(got["correct"]) == len(got["end_reasons"]) == len(got["ddt"]) == 2
-    assert not list(out.parent.glob("*.part-*"))
+    assert not list(out.parent.glob("*.part-*")) and not list(out.parent.glob("*.settings.json"))
     summary = json.loads(out.with_name("out.summary.json").read_text())
     assert summary["rows"] == len(rows) and "pass@2" in summary
 

@@ -235,7 +235,8 @@ def test_a_killed_build_leaves_nothing_behind_the_next_one(setup, tmp_path):
     running, lock = _claim_tmp(bin_path)
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys; from pathlib import Path; from megatron_onpolicy.data.preprocess import _claim_tmp\n"
-        "tmp, lock = _claim_tmp(Path(sys.argv[1])); (tmp / 'bin').write_bytes(bytes(1000)); print(tmp.name, flush=True)\n"
+        "tmp, lock = _claim_tmp(Path(sys.argv[1])); (tmp / 'bin').write_bytes(bytes(1000))\n"
+        "print(tmp.name, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)"), str(bin_path)], cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     dead = tmp_path / killed.stdout.strip()
@@ -244,10 +245,11 @@ def test_a_killed_build_leaves_nothing_behind_the_next_one(setup, tmp_path):
     (other_host / "lock").touch()
     assert (dead / "bin").exists() and (dead / "lock").exists()
     preprocess(s.tmp / "a.jsonl", tmp_path / "x", s.model, Settings(), workers=1, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([running.name, other_host.name])
+    left = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert left() == sorted([running.name, other_host.name])
     lock.close()  # the running build ends without cleaning up: now it is a dead one
     preprocess(s.tmp / "a.jsonl", tmp_path / "x", s.model, Settings(), workers=1, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [other_host.name]
+    assert left() == [other_host.name]
     assert (tmp_path / "x.bin").read_bytes() == (s.tmp / "a.bin").read_bytes()
 
 

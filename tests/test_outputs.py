@@ -14,8 +14,9 @@ import pytest
 
 from megatron_onpolicy.ddt.score import Z_BINS, summarize
 from megatron_onpolicy.data import DataError
-from megatron_onpolicy.outputs import (ShardWriter, check_writable, merge_shards, read_jsonl, shard_files, shard_path,
-                                       share_files, written_indices)
+from megatron_onpolicy.outputs import (ShardWriter, check_writable, merge_shards, open_shards, read_jsonl,
+                                       settings_path, shard_files, shard_path, share_files, written_indices)
+from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -64,6 +65,31 @@ def test_a_restart_reads_only_the_files_that_can_hold_its_share(tmp_path):
     assert same_layout == {shard_path(out, 1, 3)}  # gcd(2, 3) = gcd(4, 3) = 1: every file of those layouts
     assert set(share_files(out, 3, 4)) == {shard_path(out, 1, 2), *(shard_path(out, k, 3) for k in range(3)),
                                            shard_path(out, 3, 4), odd}
+
+
+def _open_twice(rank, world, out):
+    """A run that wrote row 0 and stopped, then three restarts: with its settings, with others,
+    and (once the shards are merged away) with others again, which start afresh."""
+    writer, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 0.3, "bounds": (0.3, 0.7)})
+    writer.write({"index": 0, "row": payload(0)})
+    writer.close()
+    _, done, n_done = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 0.3, "bounds": (0.3, 0.7)})
+    assert done == {0} and n_done == 1
+    with pytest.raises(DataError) as error:
+        open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 1.0, "bounds": (0.3, 0.7), "new": 1})
+    with merge_shards(out, 1, out.with_name("merged.jsonl"), "row"):
+        pass
+    assert not settings_path(out).exists()
+    _, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 1.0})
+    return str(error.value), done, json.loads(settings_path(out).read_text())
+
+
+def test_a_restart_with_other_settings_is_an_error(tmp_path):
+    out = tmp_path / "out.jsonl"
+    error, done, kept = run_distributed(_open_twice, 1, out)
+    assert error == (f"{out}: its rows so far were made with other settings (new None -> 1; temperature 0.3 -> 1.0): "
+                     "rerun with those, or write elsewhere")
+    assert done == set() and kept == {"model": "m", "temperature": 1.0}
 
 
 def test_a_failure_after_the_merge_keeps_the_shards(tmp_path):

@@ -83,7 +83,7 @@ def main():
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
-    writer, done, n_done = open_shards(out, dp_rank, dp, writes, cli.device())
+    writer, done, n_done = open_shards(out, dp_rank, dp, writes, cli.device(), cli.row_settings(args))
 
     scores = set(row_keys(args.dump_tokens))
 

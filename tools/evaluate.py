@@ -15,8 +15,10 @@ length or repetition is scored without EOS). OUT.summary.json: pass@1, unbiased 
 length, end reasons and the DDT summary of all completions.
 
 --load takes a training run's --save folder: its checkpoint (--tag, default the latest) is first
-exported to OUT.hf/ (kept, so a restart reuses it), on the layout it was saved with."""
+exported to OUT.hf/ (kept, so a restart for the same checkpoint reuses it), on the layout it was
+saved with. A restart with other settings than the rows so far were made with is an error."""
 import argparse
+import json
 import math
 import os
 import sys
@@ -42,6 +44,9 @@ from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards
                                        write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
+
+
+EXPORTED_FROM = "exported_from.json"  # in OUT.hf/: the checkpoint it holds
 
 
 def parse_args(argv=None):
@@ -105,13 +110,21 @@ def question_and_answer(row, args):
 
 
 def resolve_model(args, out: Path) -> str:
-    """The model to evaluate; a checkpoint is exported to OUT.hf/ first (on its own layout)."""
+    """The model to evaluate; a checkpoint is exported to OUT.hf/ first (on its own layout), and
+    that export is reused only for the same checkpoint. args.tag becomes the tag --load meant
+    then (the latest moves on as training goes on)."""
     if not args.load:
         return args.model
+    from megatron_onpolicy.train.checkpoint import read_checkpoint
+    from megatron_onpolicy.train.export import export_checkpoint
+
+    args.tag = read_checkpoint(args.load, args.tag)[0]
     folder = out.with_name(out.name.removesuffix(".jsonl") + ".hf")
-    if not (folder / "config.json").exists():
-        from megatron_onpolicy.train.export import export_checkpoint
+    source, marker = {"load": str(Path(args.load).resolve()), "tag": args.tag}, folder / EXPORTED_FROM
+    if not (marker.exists() and json.loads(marker.read_text()) == source):
         export_checkpoint(args.load, args.tag, folder, timeout_minutes=args.distributed_timeout_minutes)
+        if dist.get_rank() == 0:
+            write_json_atomic(marker, source)
     return str(folder)
 
 
@@ -139,7 +152,7 @@ def main():
 
     tokenizer = load_tokenizer(folder)
     stream = RowStream(args.data)
-    writer, done, n_done = open_shards(out, dp_rank, dp, tp_rank == 0, cli.device())
+    writer, done, n_done = open_shards(out, dp_rank, dp, tp_rank == 0, cli.device(), cli.row_settings(args))
     if dist.get_rank() == 0 and n_done:
         print(f"resuming: {n_done} rows already done", flush=True)
 

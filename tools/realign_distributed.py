@@ -144,7 +144,9 @@ def main():
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
     shards = out_dir / "shards" / final.name
-    writer, done, n_done = open_shards(shards, dp_rank, dp, tp_rank == 0, cli.device())
+    # (the filters apply when the rows are merged, so a restart may change them)
+    settings = cli.row_settings(args, "min_avg_phi", "require_answer_match", "keep_unfinished")
+    writer, done, n_done = open_shards(shards, dp_rank, dp, tp_rank == 0, cli.device(), settings)
     if dist.get_rank() == 0 and n_done:
         print(f"resuming: {n_done} rows already done", flush=True)
 
