@@ -38,6 +38,17 @@ GRADING = [  # (solution text, reference answer, graded correct)
     ("\\boxed{2x}", "2", False),                            # a variable, not a unit
     ("\\boxed{2x^2}", "2", False),
     ("\\boxed{1e3}", "1", False),
+    ("\\boxed{1 million}", "1", False),                    # words that scale the number
+    ("\\boxed{3 hundred}", "3", False),
+    ("\\boxed{6 pi}", "6", False),
+    ("\\boxed{6pi}", "6", False),
+    ("\\boxed{10 sqrt2}", "10", False),
+    ("\\boxed{5 million dollars}", "5", False),
+    ("\\boxed{4 pints}", "4", True),                       # a unit that starts like one
+    ("\\boxed{\\frac12}", "1/2", True),                    # LaTeX's one-digit shorthand
+    ("\\boxed{-\\frac34}", "-0.75", True),
+    ("\\boxed{0.5}", ".5", True),                          # no leading zero
+    ("the answer is .25", "1/4", True),
     ("\\boxed{1} or rather \\boxed{2}", "2", True),           # several boxes: the last
     ("\\boxed{1} or rather \\boxed{2}", "1", False),
     ("\\boxed{-7}", "-7", True),

@@ -3,18 +3,22 @@
 The answer is the last \\boxed{...} (braces balanced, so \\boxed{\\frac{1}{2}} is whole), else the
 last number in the text. Answers compare after normalization: no spaces, $, \\text{}, thousands
 commas, trailing period or unit; numbers (integers, decimals, a/b, \\frac{a}{b}) by exact value,
-so 1,250 == 1250.0 and \\frac{1}{2} == 0.5 == 1/2."""
+so 1,250 == 1250.0 and \\frac{1}{2} == \\frac12 == 0.5 == .5 == 1/2."""
 import re
 from fractions import Fraction
 
-_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUM = r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = re.compile(rf"{_NUM}(?:/\d+(?!\.\d))?")
-_FRAC = re.compile(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
+# \frac{a}{b}, and LaTeX's one-digit shorthand \frac12
+_FRAC = re.compile(r"(-?)\\[dt]?frac(?:\{([^{}]+)\}|(\d))(?:\{([^{}]+)\}|(\d))")
 # A trailing unit: percent or degrees; a word after a space ("5 m", "12 square feet"); or a word of
 # two or more letters right after the number ("5cm"). One letter right after it is a variable or an
-# exponent ("2x", "1e3"), and stays, so that such answers do not pass for the bare number.
-_WORD = r"[a-zA-Z][a-zA-Z./^0-9]*"
-_UNIT = re.compile(rf"(?:\\?%|\^\{{?\\circ\}}?|°|\s+{_WORD}|(?<=\d)[a-zA-Z]{{2,}}[a-zA-Z./^0-9]*)(?:\s+{_WORD})*$")
+# exponent ("2x", "1e3"), and stays, so that such answers do not pass for the bare number; so do
+# the words that scale a number ("1 million", "6 pi", "10 sqrt2").
+_SCALE = r"(?!(?:hundred|thousand|million|billion|trillion|dozen)s?(?![a-z])|pi(?![a-z])|sqrt)"
+_WORD = rf"{_SCALE}[a-zA-Z][a-zA-Z./^0-9]*"
+_UNIT = re.compile(rf"(?:\\?%|\^\{{?\\circ\}}?|°|\s+{_WORD}|(?<=\d){_SCALE}[a-zA-Z]{{2,}}[a-zA-Z./^0-9]*)"
+                   rf"(?:\s+{_WORD})*$")
 
 
 def last_boxed(text: str):
@@ -41,7 +45,7 @@ def _value(s: str):
     """The exact value of a plain number or fraction (thousands commas allowed), else None."""
     m = _FRAC.fullmatch(s)
     if m:
-        s = f"{m.group(1)}({m.group(2)})/({m.group(3)})"
+        s = f"{m.group(1)}({m.group(2) or m.group(3)})/({m.group(4) or m.group(5)})"
     m = re.fullmatch(rf"(-?)\(?({_NUM})\)?(?:/\(?({_NUM})\)?)?", s)
     if not m:
         return None
