@@ -39,8 +39,16 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_decoding_args(p: argparse.ArgumentParser, args) -> None:
+    """The generating tools' flags, checked before any model loads."""
     if args.cuda_graph and not torch.cuda.is_available():
         p.error("--cuda-graph needs a CUDA device, and none is visible")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    for dest in ("max_new_tokens", "batch_size"):
+        if getattr(args, dest) < 1:
+            p.error(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
 
 
 def add_fused_loss_args(p, off_help: str, chunk_of: str) -> None:

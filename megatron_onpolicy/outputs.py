@@ -60,17 +60,28 @@ def check_writable(fields: dict, source: str) -> None:
             raise DataError(f"{source}: field '{key}': {e}; drop or convert that column") from None
 
 
+def check_no_clash(row, output_keys) -> None:
+    """An input field named like one a tool writes (a file the tool wrote, given again) would be
+    overwritten: a DataError instead."""
+    clash = sorted(set(output_keys) & row.data.keys())
+    if clash:
+        raise DataError(f"{row.source}: field '{clash[0]}' has the name of an output field; rename or drop it")
+
+
 class ShardWriter:
     """Appends one JSON line `{"index": i, ...}` per finished row, flushed, so a kill loses at most
-    the line being written (cut off on the next open, see `cut_torn_line`)."""
+    the line being written (cut off on the next open, see `cut_torn_line`). settings: (file,
+    dict) written before the first row where the file is missing (see `open_shards`)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, settings: tuple = None):
+        self.path, self.settings = Path(path), settings
         self._f = None  # opened at the first row: a run that fails before any leaves no file
 
     def write(self, row: dict) -> None:
         if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.settings and not self.settings[0].exists():
+                write_json_atomic(*self.settings)  # (every writer alike: the same bytes)
             if self.path.exists():
                 cut_torn_line(self.path)
             self._f = open(self.path, "a", encoding="utf-8")
@@ -209,16 +220,17 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device, set
     indices of the others.
 
     settings: what a row's output depends on (input, model, generation settings), kept beside
-    the shards by the run that starts them: a restart with other settings is an error, not a file
-    of rows made two ways."""
+    the shards by the writers of the run that starts them, before their first row: a restart with
+    other settings is an error, not a file of rows made two ways. A run that writes no row writes
+    nothing."""
     path = settings_path(out)
     settings = json.loads(json.dumps(settings))  # as the file holds them (tuples are lists)
     if dist.get_rank() == 0:
         parts = shard_files(out)
         for part in parts:
             cut_torn_line(part)
-        if not parts:
-            write_json_atomic(path, settings)
+        if not parts:  # those of a run that wrote no row
+            path.unlink(missing_ok=True)
     dist.barrier()
     if path.exists():  # (shards of a version that kept no settings are taken as they are)
         before = json.loads(path.read_text())
@@ -230,7 +242,8 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device, set
     done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
     total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
-    return (ShardWriter(shard_path(out, dp_rank, dp_size)) if writes else None), done, int(total.item())
+    writer = ShardWriter(shard_path(out, dp_rank, dp_size), (path, settings)) if writes else None
+    return writer, done, int(total.item())
 
 
 @contextmanager

@@ -71,6 +71,7 @@ def _open_twice(rank, world, out):
     """A run that wrote row 0 and stopped, then three restarts: with its settings, with others,
     and (once the shards are merged away) with others again, which start afresh."""
     writer, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 0.3, "bounds": (0.3, 0.7)})
+    assert not out.parent.exists()  # nothing is written before the first row
     writer.write({"index": 0, "row": payload(0)})
     writer.close()
     _, done, n_done = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 0.3, "bounds": (0.3, 0.7)})
@@ -80,12 +81,14 @@ def _open_twice(rank, world, out):
     with merge_shards(out, 1, out.with_name("merged.jsonl"), "row"):
         pass
     assert not settings_path(out).exists()
-    _, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 1.0})
+    writer, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 1.0})
+    writer.write({"index": 0, "row": payload(0)})
+    writer.close()
     return str(error.value), done, json.loads(settings_path(out).read_text())
 
 
 def test_a_restart_with_other_settings_is_an_error(tmp_path):
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "shards" / "out.jsonl"  # a folder the first run makes
     error, done, kept = run_distributed(_open_twice, 1, out)
     assert error == (f"{out}: its rows so far were made with other settings (new None -> 1; temperature 0.3 -> 1.0): "
                      "rerun with those, or write elsewhere")

@@ -170,12 +170,57 @@ def test_rows_it_cannot_realign_stop_the_run_by_name(tiny_model, tmp_path):
         assert not list(out.rglob("*.part-*"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
-@pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
-def test_cuda_graph_needs_a_cuda_device(tool, required, capsys):
+def load_tool(tool):
     spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
+@pytest.mark.parametrize("flags, error", [
+    (["--temperature", "-1"], "--temperature must be >= 0 (0: greedy), got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_bad_generation_flags_are_one_line_errors_before_the_model_loads(tool, required, flags, error, capsys):
+    with pytest.raises(SystemExit):
+        load_tool(tool).parse_args(["--data", "x.jsonl", *required, *flags])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {error}")
+
+
+def test_rows_the_tools_would_mangle_are_errors(capsys):
+    """A field named like an output (a file the tool wrote, given again) would be overwritten; an
+    answer that is no value would be graded as the text 'None'; --require-answer-match without
+    the answer would drop every row. An empty rewrite is not a row to train on. And k greedy
+    completions are one completion k times."""
+    from megatron_onpolicy.data import DataError, Row
+
+    realign, evaluate = load_tool("realign_distributed"), load_tool("evaluate")
+    args = realign.parse_args(["--data", "x", "--out-dir", "x", "--require-answer-match"])
+    row = {"prompt": "1 + 1?", "response": "2", "answer": "2"}
+    realign.check_row(Row(row, "x:1"), args)
+    for bad, error in (({**row, "realigned": "an earlier rewrite"}, "x:1: field 'realigned' has the name of an output"),
+                       ({"prompt": "1 + 1?", "response": "2"}, "x:1: field 'answer' missing (--require-answer-match")):
+        with pytest.raises(DataError, match=error.replace("(", r"\(")):
+            realign.check_row(Row(bad, "x:1"), args)
+    assert not realign.keep({"realigned": " ", "end_reason": "eos", "avg_phi_realigned": None}, args)
+    args = evaluate.parse_args(["--data", "x", "--out", "x"])
+    assert evaluate.question_and_answer(Row(row, "x:1"), args) == ("1 + 1?", "2")
+    for bad, error in (({**row, "answer": None}, "x:1: field 'answer' must be a string or a number, got None"),
+                       ({**row, "correct": [True]}, "x:1: field 'correct' has the name of an output field")):
+        with pytest.raises(DataError, match=error):
+            evaluate.question_and_answer(Row(bad, "x:1"), args)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--data", "x", "--out", "x", "--samples", "4"])
+    assert "--samples 4 needs --temperature > 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+@pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
+def test_cuda_graph_needs_a_cuda_device(tool, required, capsys):
+    module = load_tool(tool)
     module.parse_args(["--data", "x.jsonl", *required])
     with pytest.raises(SystemExit):
         module.parse_args(["--data", "x.jsonl", *required, "--cuda-graph"])

@@ -40,8 +40,8 @@ from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: 
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
-                                       write_json_atomic)
+from megatron_onpolicy.outputs import (check_no_clash, check_writable, merge_shards, open_shards,  # noqa: E402
+                                       read_jsonl, write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
@@ -70,6 +70,8 @@ def parse_args(argv=None):
     cli.check_decoding_args(p, args)
     if args.samples < 1:
         p.error("--samples must be >= 1")
+    if args.samples > 1 and args.temperature == 0:
+        p.error(f"--samples {args.samples} needs --temperature > 0: greedy completions are all the same")
     return args
 
 
@@ -100,13 +102,20 @@ def summarize_eval(rows, samples: int) -> dict:
             "mean_num_tokens": tokens / (n * samples), "end_reasons": dict(ends), "ddt": ddt.result()}
 
 
+OUTPUT_KEYS = ("completions", "extracted", "correct", "end_reasons", "num_tokens", "ddt")
+
+
 def question_and_answer(row, args):
     for key in filter(None, (args.prompt_key, args.answer_key)):
         if key not in row.data:
             raise DataError(f"{row.source}: field '{key}' missing")
     if not isinstance(row.data[args.prompt_key], str):
         raise DataError(f"{row.source}: field '{args.prompt_key}' must be a string")
-    return row.data[args.prompt_key], row.data[args.answer_key] if args.answer_key else None
+    answer = row.data[args.answer_key] if args.answer_key else None
+    if args.answer_key and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise DataError(f"{row.source}: field '{args.answer_key}' must be a string or a number, got {answer!r}")
+    check_no_clash(row, OUTPUT_KEYS)
+    return row.data[args.prompt_key], answer
 
 
 def resolve_model(args, out: Path) -> str:

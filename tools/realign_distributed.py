@@ -31,8 +31,8 @@ from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decod
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
-                                       write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import (check_no_clash, check_writable, merge_shards, open_shards,  # noqa: E402
+                                       read_jsonl, write_json_atomic, write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 
 
@@ -68,8 +68,27 @@ def parse_args(argv=None):
     return args
 
 
+OUTPUT_KEYS = ("realigned", "end_reason", "num_tokens", "mean_lam", "avg_phi_original", "avg_phi_realigned",
+               "analysis", "answer_match")
+
+
+def check_row(row, args) -> None:
+    """A DataError for a row realignment cannot take (before any work on it)."""
+    for key in (args.prompt_key, args.response_key):
+        if key not in row.data:
+            raise DataError(f"{row.source}: field '{key}' missing (realignment rewrites a row's "
+                            f"'{args.response_key}' to its '{args.prompt_key}'; messages rows are not supported)")
+    if args.require_answer_match and args.answer_key not in row.data:
+        raise DataError(f"{row.source}: field '{args.answer_key}' missing (--require-answer-match compares "
+                        "the realigned answer with it)")
+    check_no_clash(row, OUTPUT_KEYS)
+    check_writable(row.data, row.source)  # the output row copies every field
+
+
 def keep(row, args) -> bool:
     """Whether a row goes to realigned.filtered.jsonl, the file to train on."""
+    if not row["realigned"].strip():
+        return False  # nothing to train on (the model ended at once)
     if not args.keep_unfinished and row["end_reason"] != "eos":
         return False  # cut text: training on it would teach the model to stop there
     if args.min_avg_phi is not None and (row["avg_phi_realigned"] is None or row["avg_phi_realigned"] < args.min_avg_phi):
@@ -157,12 +176,8 @@ def main():
                             eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
     pad = tokenizer.pad_token_id or 0
 
-    def prepare(i, row):  # the original answer, tokenized as training would: validates the row
-        for key in (args.prompt_key, args.response_key):
-            if key not in row.data:
-                raise DataError(f"{row.source}: field '{key}' missing (realignment rewrites a row's "
-                                f"'{args.response_key}' to its '{args.prompt_key}'; messages rows are not supported)")
-        check_writable(row.data, row.source)  # the output row copies every field
+    def prepare(i, row):  # the original answer, tokenized as training would
+        check_row(row, args)
         return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
 
     bar = tqdm(total=len(stream), initial=n_done, desc="realign",
