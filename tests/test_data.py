@@ -241,6 +241,14 @@ def load_maker():
     return module
 
 
+@pytest.mark.parametrize("argv, error", [(["--n", "0"], "--n must be >= 1, got 0"),
+                                         (["--split", "general", "--n", "25"], "has 24 prompts, not --n 25")])
+def test_make_math_data_refuses_a_count_it_cannot_write(argv, error, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_maker().main([*argv, "--out", str(tmp_path / "x.jsonl")])
+    assert error in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
 def test_make_math_data_deterministic_and_bundled(tok, tmp_path):
     maker = load_maker()
     for name in ("a.jsonl", "b.jsonl"):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
 DEEPSPEED, TORCHRUN = (str(Path(sys.executable).parent / name) for name in ("deepspeed", "torchrun"))
 sys.path.insert(0, str(ROOT / "tools"))
-from evaluate import pass_at_k  # noqa: E402
+from evaluate import parse_args, pass_at_k  # noqa: E402
 
 GRADING = [  # (solution text, reference answer, graded correct)
     ("so \\boxed{\\frac{1}{2}} done", "0.5", True),          # nested braces, fraction == decimal
@@ -150,6 +150,14 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     assert not list(out.parent.glob("*.part-*")) and not list(out.parent.glob("*.settings.json"))
     summary = json.loads(out.with_name("out.summary.json").read_text())
     assert summary["rows"] == len(rows) and "pass@2" in summary
+
+
+@pytest.mark.parametrize("argv, error", [(["--load", "run", "--model", "m"], "give --model or --load, not both"),
+                                         (["--tag", "iter_0000010"], "--tag needs --load")])
+def test_a_model_is_given_one_way(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "x.jsonl", "--out", "x.jsonl", *argv])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {error}")
 
 
 @pytest.mark.parametrize("split, n, name", [("train", 512, "math_train"), ("test", 64, "math_test"),

@@ -68,6 +68,10 @@ def parse_args(argv=None):
     add_stream_args(p)
     args = p.parse_args(argv)
     cli.check_decoding_args(p, args)
+    if args.load and args.model != p.get_default("model"):
+        p.error("give --model or --load, not both")
+    if args.tag and not args.load:
+        p.error("--tag needs --load")
     if args.samples < 1:
         p.error("--samples must be >= 1")
     if args.samples > 1 and args.temperature == 0:

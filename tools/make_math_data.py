@@ -263,6 +263,10 @@ def main(argv=None):
                         "the retention check")
     p.add_argument("--train-n", type=int, default=512, help="with --split test: the training set to hold out")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if args.split == "general" and args.n > len(GENERAL_PROMPTS):
+        p.error(f"--split general has {len(GENERAL_PROMPTS)} prompts, not --n {args.n}")
     if args.split == "sft":
         rows = make_rows(args.n, args.seed)
     else:
