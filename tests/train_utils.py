@@ -67,7 +67,8 @@ def _slurm_step(n, cmd, timeout):
         procs = []
         for rank in range(n):
             env = {**keep, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(n),
-                   "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost"}
+                   "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_ID": "0",
+                   "SLURM_STEP_NUM_TASKS": str(n), "SLURM_STEP_NODELIST": "localhost"}
             out, err = open(f"{tmp}/{rank}.out", "w+"), open(f"{tmp}/{rank}.err", "w+")
             procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
         for p, _, _ in procs:
