@@ -120,3 +120,15 @@ def test_time_limit_saves_and_exits_for_requeue(setup):
     assert (out / "latest").read_text() == "iter_0000001"
     assert [(m["iteration"], m["loss"]) for m in read_metrics(branch)] == \
         [(m["iteration"], pytest.approx(m["loss"], rel=1e-6, abs=0)) for m in setup.full[1:3]]
+
+    # DeepSpeed would restore the saved optimizer and schedule under the new flags: refused.
+    other = start(flags(setup, setup.tmp / "other-lr") + ["--load", out, "--lr", "2e-2"])
+    assert wait_all(other) == [2, 2]
+    log = (setup.tmp / "other-lr.rank0.log").read_text()
+    assert "cannot continue exactly with this run's settings: lr 0.01 -> 0.02" in log, log[-3000:]
+
+    # The limit reached at the last iteration: the run is done, so it exports and ends (status 0).
+    last = setup.tmp / "last"
+    assert wait_all(start(flags(setup, last) + ["--train-iters", 1, "--exit-duration-in-mins", 0,
+                                                "--export-hf", last / "hf"])) == [0, 0]
+    assert (last / "hf" / "config.json").exists() and logged(last) == [1]

@@ -83,8 +83,9 @@ def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
 def load(engine, folder, meta: dict) -> tuple[int, Position]:
     """Restore the engine (weights, optimizer, lr schedule), RNG states; -> (iteration, position)."""
     tag, saved = read_checkpoint(folder)
-    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in meta.items()
-               if saved.get(k) != v and k not in ("model", "data_parallel_size")]
+    # (a key an older checkpoint lacks is not checked)
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in meta.items()
+               if k in saved and saved[k] != v and k not in ("model", "data_parallel_size")]
     if changed:
         raise TrainConfigError(f"--load {folder}/{tag} cannot continue exactly with this run's settings: "
                                + ", ".join(changed))
@@ -129,6 +130,9 @@ def _reshard_optimizer(engine, folder, tag) -> None:
     # default "checkpoint_serialization").
     parts = [torch.load(n, map_location="cpu", mmap=zipfile.is_zipfile(n), weights_only=False)[OPTIMIZER_STATE_DICT]
              for n in names]
+    # The loss scaler's state (fp16: its scale; restarting it would skip the first steps as
+    # overflows), the overflow flag and clipping: the same in every old rank's file.
+    engine.optimizer._load_global_state(parts[0])
     params = dict(engine.module.named_parameters())  # the names DeepSpeed's mappings use
     optimizer = engine.optimizer.optimizer  # torch's AdamW over this rank's flat fp32 partitions
     for g, group in enumerate(optimizer.param_groups):

@@ -77,8 +77,17 @@ def train(args) -> None:
             "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
             "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack,
             "seq_length": args.seq_length,
-            "bf16": bool(ds_config.get("bf16", {}).get("enabled"))}
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
+            "fp16": bool(ds_config.get("fp16", {}).get("enabled")),
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            # DeepSpeed restores the saved optimizer, schedule and clipping whatever the flags say:
+            # a resumed run that changes them would train with a mix of both.
+            "gradient_clipping": ds_config["gradient_clipping"], "lr_decay_iters": args.lr_decay_iters or total,
+            **{k: getattr(args, k) for k in ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay",
+                                             "adam_beta1", "adam_beta2", "adam_eps")}}
     start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, batches.start())
+    if start >= total and dist.get_rank() == 0:
+        print(f"nothing to train: {args.load} is at iteration {start} of --train-iters {total}", flush=True)
 
     log = None
     if writer:
@@ -118,7 +127,7 @@ def train(args) -> None:
         why = stopper.agreed(cli.device()) if stopper else None  # one tiny all-reduce, on every rank
         if args.save and (iteration == total or stop or why or _due(iteration, args.save_interval)):
             checkpoint.save(engine, args.save, iteration, position, meta, args.keep_last)
-        if why:
+        if why and iteration < total:  # (at the last iteration the run is done: it exports and ends)
             if writer:
                 log.close()
             preempt.exit_for_requeue("pretrain_idft", why, f"saved {args.save}/{checkpoint.tag_of(iteration)}")
@@ -141,7 +150,7 @@ def where_it_went(args) -> str:
     lines = [f"metrics:      {metrics_folder(args) / 'metrics.jsonl'}"]
     if args.tensorboard_dir:
         lines.append(f"tensorboard:  {args.tensorboard_dir}")
-    if args.save:
+    if args.save and checkpoint.has_complete(args.save):  # (none where nothing was left to train)
         lines.append(f"checkpoints:  {args.save} (latest: {(Path(args.save) / 'latest').read_text()})")
     if args.export_hf:
         lines.append(f"hf model:     {args.export_hf} (transformers.AutoModelForCausalLM.from_pretrained)")
