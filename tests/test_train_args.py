@@ -49,6 +49,16 @@ def test_bad_config_values_are_one_line_errors(tmp_path, line, error, capsys):
         f"pretrain_idft: error: --config {tmp_path / 'run.yaml'}: {error}"
 
 
+def test_the_command_line_sizes_the_run_over_the_config_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train-data: a.jsonl\ntrain-iters: 100\n")
+    args = parse_args(["--config", str(config), "--epochs", "2", "--deepspeed_config", "x.json"])
+    assert (args.epochs, args.train_iters) == (2, None)
+    config.write_text("train-data: a.jsonl\nepochs: 2\n")
+    args = parse_args(["--config", str(config), "--train-iters", "7", "--deepspeed_config", "x.json"])
+    assert (args.epochs, args.train_iters) == (None, 7)
+
+
 def test_keep_last_needs_somewhere_to_save(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "a.jsonl", "--keep-last", "2", *REQUIRED])

@@ -100,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     first, _ = p.parse_known_args(argv)
-    if first.config:
-        p.set_defaults(**_yaml_defaults(p, first.config))
+    from_yaml = _yaml_defaults(p, first.config) if first.config else {}
+    p.set_defaults(**from_yaml)
     args = p.parse_args(argv)
+    # The run's length one way in --config and the other on the command line: the command line wins.
+    if args.train_iters is not None and args.epochs is not None:
+        for dest, other in (("train_iters", "epochs"), ("epochs", "train_iters")):
+            if dest in from_yaml and other not in from_yaml:
+                setattr(args, dest, None)
     for flag, dest in (("--train-data", "train_data"), ("--deepspeed_config", "deepspeed_config")):
         if getattr(args, dest) is None:
             p.error(f"{flag} is required (on the command line or in --config)")
