@@ -231,7 +231,7 @@ def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
     dense single-process step does (tests/test_train_step.py); the bf16 run reports the dense
     loss to bf16 accuracy. Every record carries the iteration's peak GPU memory."""
     kind, fused, tied, config = GPU_RUNS[name]
-    ref, ref_loss, lr = dense_step(setup.models[tied], setup.train, kind)
+    ref, (ref_loss, _), lr = dense_step(setup.models[tied], setup.train, kind)
     out = setup.tmp / f"gpu-{name}"
     result = launch(1, "--model", setup.models[tied], "--train-data", setup.train, "--seq-length", 256,
                     "--micro-batch-size", 2, "--global-batch-size", ROWS, "--train-iters", 1,

@@ -68,9 +68,10 @@ def train_one_step(s, name, lr):
                     "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
                     "--micro-batch-size", micro, "--global-batch-size", ROWS, "--train-iters", 1,
                     "--loss", kind, *(("--loss-chunk-size", 37) if fused else ("--no-fused-loss",)),
-                    # clipping out of the way: a threshold never reached, or none at stage 0, whose
-                    # fp32 clipping under PP is refused (train/ds_config.py)
-                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9 if zero else 0, "--lr-decay-style", "constant",
+                    # clipping out of the way: a threshold never reached (the norm is still computed and
+                    # reported), or none for fp32 at stage 0 under PP, refused there (train/ds_config.py)
+                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9 if zero or pp == 1 else 0,
+                    "--lr-decay-style", "constant",
                     "--save", out, "--export-hf", out / "hf",
                     "--deepspeed_config", ROOT / "ds_configs" / f"zero{zero}_fp32.json",
                     runner="torchrun")  # a free port of its own: other jobs may hold deepspeed's default
@@ -96,15 +97,16 @@ def dense_step(folder, train, kind):
     mask = b["loss_mask"].double()
     loss = -(mask * w * logp).sum() / mask.sum()
     loss.backward()
+    norm = float(sum(p.grad.double().square().sum() for p in model.parameters()).sqrt())
     lr = 10 * EPS / float((mask * w).sum() / mask.sum())  # updates of about 10 x the CE gradient
     torch.optim.AdamW(model.parameters(), lr=lr, eps=EPS, weight_decay=0.0).step()
-    return {k: v.detach() for k, v in model.state_dict().items()}, loss.item(), lr
+    return {k: v.detach() for k, v in model.state_dict().items()}, (loss.item(), norm), lr
 
 
 @pytest.fixture(scope="module")
 def steps(setup):
-    """name -> (exported weights, first metrics record, reference weights, reference loss), run on
-    first use; references are shared by the runs of the same loss and model."""
+    """name -> (exported weights, first metrics record, reference weights, (reference loss, gradient
+    norm)), run on first use; references are shared by the runs of the same loss and model."""
     references, results = {}, {}
 
     def get(name):
@@ -112,19 +114,23 @@ def steps(setup):
         if (kind, model) not in references:
             references[kind, model] = dense_step(setup.models[model], setup.train, kind)
         if name not in results:
-            ref, ref_loss, lr = references[kind, model]
-            results[name] = (*train_one_step(setup, name, lr), ref, ref_loss)
+            ref, ref_loss_norm, lr = references[kind, model]
+            results[name] = (*train_one_step(setup, name, lr), ref, ref_loss_norm)
         return results[name]
     return get
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_one_step_updates_the_weights_like_the_dense_reference(setup, steps, name):
-    trained, metrics, ref, ref_loss = steps(name)
+    trained, metrics, ref, (ref_loss, ref_norm) = steps(name)
     model = RUNS[name][6]
     tied = model != "untied"
     start = load_file(setup.models[model] / "model.safetensors")
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    # the gradient norm clipping uses, reported at every stage and precision where clipping is on
+    pp, zero = RUNS[name][2], RUNS[name][7]
+    if zero or pp == 1:
+        assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), name
     keys = {k for k in ref if not (tied and k == "lm_head.weight")}
     assert keys == set(trained), name
     for key in sorted(keys):

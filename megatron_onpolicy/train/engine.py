@@ -27,7 +27,20 @@ def make_engine(pipe, ds_config: dict, optimizer=None, scheduler=None):
             engine.pipeline_enable_backward_allreduce = False
         else:
             engine.enable_backward_allreduce = False
+    if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+        _keep_clipping_norm(engine)
     return engine
+
+
+def _keep_clipping_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 clipping computes the global gradient norm and drops it, so the
+    metrics had none; this is the same call, with the norm kept where get_global_grad_norm reads."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def is_pipeline(engine) -> bool:
