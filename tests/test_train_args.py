@@ -26,6 +26,9 @@ def test_a_config_file_reads_as_the_same_flags_on_the_command_line(tmp_path):
                              "--recompute-granularity", "full", *REQUIRED])
     assert vars(from_yaml) == {**vars(from_flags), "config": str(tmp_path / "run.yaml")}
     assert from_yaml.lr == 1e-4 and from_yaml.train_data == ["a.jsonl"]
+    for switch in ("no-fused-loss: true\n", "fused_loss: false\n"):  # named as the flag, or as what it sets
+        assert parse(tmp_path, "train-data: a.jsonl\n" + switch).fused_loss is False
+    assert parse(tmp_path, "train-data: a.jsonl\nno-fused-loss: false\n").fused_loss is True
     blend = parse(tmp_path, "train-data: [0.3, a.jsonl, 0.7, b.jsonl]\n")
     assert blend.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
     assert parse(tmp_path, text, "--loss", "ce", "--lr", "2e-5").loss == "ce"  # the command line wins

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, help="default: the DeepSpeed config's, else micro x DP")
     g.add_argument("--train-iters", type=int)
     g.add_argument("--epochs", type=int, help="instead of --train-iters")
-    g.add_argument("--exit-interval", type=int, help="stop (after saving) once the iteration is a multiple of this")
+    g.add_argument("--exit-interval", type=int, help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM / SIGUSR1: save at the end of the iteration and exit with status 75 (requeue)")
     g.add_argument("--exit-duration-in-mins", type=float,
@@ -146,12 +146,21 @@ def _yaml_defaults(p: argparse.ArgumentParser, path) -> dict:
     if not isinstance(data, dict):
         p.error(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in p._actions}
+    # A switch named as on the command line (no-fused-loss: true) means the flag is given; named by
+    # what it sets (fused-loss: false), the value is that setting.
+    switches = {o.lstrip("-").replace("-", "_"): a for a in p._actions if a.nargs == 0 for o in a.option_strings
+                if o.lstrip("-").replace("-", "_") != a.dest}
     out = {}
     for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest == "config":
+        name = str(key).lstrip("-").replace("-", "_")
+        where = f"--config {path}: '{key}'"
+        if name in switches:
+            given = _yaml_value(p, where, switches[name], value)
+            out[switches[name].dest] = switches[name].const if given else switches[name].default
+        elif name in actions and name != "config":
+            out[name] = _yaml_value(p, where, actions[name], value)
+        else:
             p.error(f"--config {path}: unknown key '{key}'")
-        out[dest] = _yaml_value(p, f"--config {path}: '{key}'", actions[dest], value)
     return out
 
 
