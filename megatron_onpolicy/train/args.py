@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, help="default: the DeepSpeed config's, else micro x DP")
     g.add_argument("--train-iters", type=int)
     g.add_argument("--epochs", type=int, help="instead of --train-iters")
-    g.add_argument("--exit-interval", type=int, help="stop (after saving, with --save) once the iteration is a multiple of this")
+    g.add_argument("--exit-interval", type=int,
+                   help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM / SIGUSR1: save at the end of the iteration and exit with status 75 (requeue)")
     g.add_argument("--exit-duration-in-mins", type=float,
