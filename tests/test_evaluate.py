@@ -152,6 +152,35 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     assert summary["rows"] == len(rows) and "pass@2" in summary
 
 
+def test_a_checkpoint_is_evaluated_from_its_own_export(tiny_model, tmp_path):  # noqa: F811
+    """--load: OUT.hf/ is exported from the checkpoint asked for, and reused only for that one (it
+    was reused whatever --load and --tag said, so a later checkpoint was evaluated as an earlier)."""
+    from safetensors.torch import load_file
+
+    from tests.train_utils import launch
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(ROOT / "data" / "math_sft.jsonl")[:2]))
+    run = tmp_path / "run"
+    trained = launch(0, "--model", tiny_model, "--train-data", data, "--seq-length", 128, "--micro-batch-size", 2,
+                     "--global-batch-size", 2, "--train-iters", 2, "--save-interval", 1, "--lr", "1e-2", "--save", run,
+                     "--deepspeed_config", ROOT / "ds_configs" / "zero0_fp32.json")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = tmp_path / "eval" / "out.jsonl"
+    exported = out.with_name("out.hf")
+    weights = []
+    for tag in ("iter_0000001", "iter_0000002", "iter_0000002"):
+        result = subprocess.run([sys.executable, TOOL, "--load", str(run), "--tag", tag, "--data", str(data),
+                                 "--out", str(out), "--max-new-tokens", "2"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((exported / "exported_from.json").read_text()) == {"load": str(run.resolve()), "tag": tag}
+        weights.append(((exported / "model.safetensors").stat().st_mtime_ns,
+                        load_file(exported / "model.safetensors")["model.norm.weight"]))
+    assert not weights[0][1].equal(weights[1][1])  # another checkpoint, exported anew
+    assert weights[2][0] == weights[1][0]  # the same checkpoint: the export reused
+
+
 @pytest.mark.parametrize("argv, error", [(["--load", "run", "--model", "m"], "give --model or --load, not both"),
                                          (["--tag", "iter_0000010"], "--tag needs --load")])
 def test_a_model_is_given_one_way(argv, error, capsys):
