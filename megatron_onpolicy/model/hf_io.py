@@ -115,15 +115,15 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, names: dict = None) ->
         raise KeyError(f"no HF source for parameters {sorted(missing)[:5]}")
     # Every HF tensor must find a home in the whole model (the table is the whole model's on every
     # pipeline stage too). A tied model's own lm_head.weight may only be a copy of the embedding:
-    # transformers unties a model whose checkpoint holds a different one. (Compared whole, not by
-    # this rank's rows: every rank must come to the same verdict, or some would wait for the others.)
+    # transformers unties a model whose checkpoint holds a different one. (Compared whole on every
+    # rank, not by the rows one loads: every rank must come to the same verdict, or some would wait
+    # for the others.)
     used = {hf_name for m in table.values() for hf_name, _ in m.parts}
     ignored = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     unused = [k for k in reader.files if k not in used and k not in ignored and not k.endswith("rotary_emb.inv_freq")]
     if unused:
         raise ValueError(f"{folder}: checkpoint tensors the architecture does not use: {unused[:5]}")
-    if ignored and ignored[0] in reader.files and "embed.weight" in names.values() and not reader.equal(
-            "lm_head.weight", "model.embed_tokens.weight"):
+    if ignored and ignored[0] in reader.files and not reader.equal("lm_head.weight", "model.embed_tokens.weight"):
         raise ModelConfigError(f"{folder}: config.json ties the output head to the embedding, but the checkpoint's "
                                "lm_head.weight differs from model.embed_tokens.weight (set tie_word_embeddings false)")
     # Whole tensors, checked before any is sliced: a slice of a larger tensor would fit the shard.
