@@ -219,10 +219,10 @@ def test_host_copy_waits_for_its_copies_only():
     torch.cuda.synchronize()
 
 
-# name: (loss, fused, tied, DeepSpeed config)
-GPU_RUNS = {"idft-fused-zero0": ("idft", True, True, "zero0_fp32"),
-            "ce-unfused-untied-zero1": ("ce", False, False, "zero1_fp32"),
-            "idft-fused-bf16": ("idft", True, True, "zero1_bf16")}
+# name: (loss, fused, model (tests/test_train_step.py's), DeepSpeed config)
+GPU_RUNS = {"idft-fused-zero0": ("idft", True, "tied", "zero0_fp32"),
+            "ce-unfused-untied-zero1": ("ce", False, "untied", "zero1_fp32"),
+            "idft-fused-bf16": ("idft", True, "tied", "zero1_bf16")}
 
 
 @pytest.mark.parametrize("name", GPU_RUNS)
@@ -230,10 +230,10 @@ def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
     """`torchrun --nproc_per_node 1 launch/pretrain_idft.py` (NCCL): fp32 runs move every weight as the
     dense single-process step does (tests/test_train_step.py); the bf16 run reports the dense
     loss to bf16 accuracy. Every record carries the iteration's peak GPU memory."""
-    kind, fused, tied, config = GPU_RUNS[name]
-    ref, (ref_loss, _), lr = dense_step(setup.models[tied], setup.train, kind)
+    kind, fused, model, config = GPU_RUNS[name]
+    ref, (ref_loss, _), lr = dense_step(setup.models[model], setup.train, kind)
     out = setup.tmp / f"gpu-{name}"
-    result = launch(1, "--model", setup.models[tied], "--train-data", setup.train, "--seq-length", 256,
+    result = launch(1, "--model", setup.models[model], "--train-data", setup.train, "--seq-length", 256,
                     "--micro-batch-size", 2, "--global-batch-size", ROWS, "--train-iters", 1,
                     "--loss", kind, *(() if fused else ("--no-fused-loss",)),
                     "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9, "--lr-decay-style", "constant",
@@ -247,7 +247,7 @@ def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
         return
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
     trained = {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
-    start = load_file(setup.models[tied] / "model.safetensors")
+    start = load_file(setup.models[model] / "model.safetensors")
     for key in trained:
         moved, expected = trained[key] - start[key], ref[key] - start[key]
         scale = float(expected.abs().max())
