@@ -172,6 +172,26 @@ def test_validation_batches_are_read_when_validation_runs(setup, monkeypatch):
     assert not mask.any()
 
 
+def test_a_middle_pipeline_stage_reads_nothing(setup, monkeypatch):
+    """DeepSpeed loads micro-batches on the first and last stages only: a middle stage gets as many
+    placeholders, reads no item, and keeps the same data position as the stages that read."""
+    args = SimpleNamespace(seq_length=L, overlong="truncate", pack=False, seed=7, train_iters=3, epochs=None)
+    part = Part("a", IndexedDataset(setup.tmp / "a"), args, False)
+    reads = []
+    item = part.item
+    monkeypatch.setattr(part, "item", lambda j: reads.append(j) or item(j))
+    reader, middle = (TrainBatches([(1.0, part)], args, 1, 0, None, 2, 4, reads=r) for r in (True, False))
+    pos_r = pos_m = reader.start()
+    for _ in range(3):
+        micro, counts, pos_r = reader.next(pos_r)
+        assert len(micro) == 2 and counts["tokens"] > 0
+        micro, counts, pos_m = middle.next(pos_m)
+        assert micro == [None, None] and counts is None and pos_m == pos_r
+    assert len(reads) == 12
+    valid = ValidBatches(part, 2, 3, 1, reads=False)
+    assert list(valid) == [None] * 3 and len(reads) == 12
+
+
 def test_resumed_blend_repeats_the_uninterrupted_run(setup):
     s = setup
     blend = ["0.7", s.tmp / "a", "0.3", s.tmp / "b.jsonl"]

@@ -2,6 +2,7 @@
 unfused, in several layouts (T, P, DP, gradient accumulation), tied and untied heads, compared
 weight by weight with a dense single-process step written independently of megatron_onpolicy.ddt:
 transformers' own model (AutoModelForCausalLM), the loss from log_softmax by hand, torch's AdamW.
+Each run then validates on its rows, which must give the updated reference model's cross-entropy.
 
 Adam's first step is lr * g / (|g| + eps): with eps far above every |g| it is lr / eps * g, linear
 in the gradient, so a wrongly scaled or weighted loss moves the weights differently (with the
@@ -25,7 +26,8 @@ ROWS = 4      # one global batch: the first iteration sees every row
 EPS = 1e4  # above every |g|: the update lr * g / (|g| + eps) is lr / eps * g
 # name: (processes, T, P, micro-batch, loss, fused, model, ZeRO stage); global batch ROWS,
 # DP = processes / (T * P). Models: a Llama with a tied or an untied head, a Qwen3 (tied), whose
-# q / k norms each TP rank applies to its own heads. At stage 0 and DP = 1 DeepSpeed's gradient all-reduce is skipped
+# q / k norms each TP rank applies to its own heads; a 3-layer tied Llama, one layer a stage at P = 3,
+# whose middle stage reads no data and holds neither end of the tied embedding. At stage 0 and DP = 1 DeepSpeed's gradient all-reduce is skipped
 # (train/engine.py); at DP = 2 it must not be.
 RUNS = {
     "ce-1-fused": (0, 1, 1, 4, "ce", True, "tied", 1),
@@ -37,6 +39,7 @@ RUNS = {
     "eaft-dp2-gas2-unfused": (2, 1, 1, 1, "eaft", False, "tied", 1),
     "dft-dp2-fused-zero0": (2, 1, 1, 2, "dft", True, "tied", 0),
     "ce-tp2-fused-qwen3": (2, 2, 1, 4, "ce", True, "qwen3", 1),
+    "dft-pp3-gas4-fused": (3, 1, 3, 1, "dft", True, "tied3", 1),
 }
 
 
@@ -48,7 +51,8 @@ def setup(tmp_path_factory):
     return SimpleNamespace(tmp=tmp, train=tmp / "train.jsonl",
                            models={"tied": peaked(make_tiny_model(tmp / "tied", layers=2)),
                                    "untied": peaked(make_tiny_model(tmp / "untied", layers=2, tied=False, seed=1)),
-                                   "qwen3": peaked(make_tiny_model(tmp / "qwen3", layers=2, seed=2, kind="qwen3"))})
+                                   "qwen3": peaked(make_tiny_model(tmp / "qwen3", layers=2, seed=2, kind="qwen3")),
+                                   "tied3": peaked(make_tiny_model(tmp / "tied3", layers=3, seed=3))})
 
 
 def peaked(folder):
@@ -71,7 +75,7 @@ def train_one_step(s, name, lr):
                     # clipping out of the way: a threshold never reached (the norm is still computed and
                     # reported), or none for fp32 at stage 0 under PP, refused there (train/ds_config.py)
                     "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9 if zero or pp == 1 else 0,
-                    "--lr-decay-style", "constant",
+                    "--lr-decay-style", "constant", "--valid-data", s.train,  # validated after the step
                     "--save", out, "--export-hf", out / "hf",
                     "--deepspeed_config", ROOT / "ds_configs" / f"zero{zero}_fp32.json",
                     runner="torchrun")  # a free port of its own: other jobs may hold deepspeed's default
@@ -103,30 +107,48 @@ def dense_step(folder, train, kind):
     return {k: v.detach() for k, v in model.state_dict().items()}, (loss.item(), norm), lr
 
 
+def dense_ce(folder, weights, train) -> float:
+    """The mean cross-entropy over every loss token of `train`, for the model with `weights`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model.load_state_dict(weights)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    b = collate([tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(train))], 0)
+    with torch.no_grad():
+        logq = model(b["input_ids"]).logits.double().log_softmax(-1)
+    logp = logq.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = b["loss_mask"].double()
+    return float(-(mask * logp).sum() / mask.sum())
+
+
 @pytest.fixture(scope="module")
 def steps(setup):
     """name -> (exported weights, first metrics record, reference weights, (reference loss, gradient
-    norm)), run on first use; references are shared by the runs of the same loss and model."""
+    norm, validation loss after the step)), run on first use; references are shared by the runs of
+    the same loss and model."""
     references, results = {}, {}
 
     def get(name):
         kind, model = RUNS[name][4], RUNS[name][6]
         if (kind, model) not in references:
-            references[kind, model] = dense_step(setup.models[model], setup.train, kind)
+            ref, (loss, norm), lr = dense_step(setup.models[model], setup.train, kind)
+            references[kind, model] = ref, (loss, norm, dense_ce(setup.models[model], ref, setup.train)), lr
         if name not in results:
-            ref, ref_loss_norm, lr = references[kind, model]
-            results[name] = (*train_one_step(setup, name, lr), ref, ref_loss_norm)
+            ref, ref_numbers, lr = references[kind, model]
+            results[name] = (*train_one_step(setup, name, lr), ref, ref_numbers)
         return results[name]
     return get
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_one_step_updates_the_weights_like_the_dense_reference(setup, steps, name):
-    trained, metrics, ref, (ref_loss, ref_norm) = steps(name)
+    trained, metrics, ref, (ref_loss, ref_norm, ref_valid) = steps(name)
     model = RUNS[name][6]
     tied = model != "untied"
     start = load_file(setup.models[model] / "model.safetensors")
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    # validation, after the step: every stage, a middle one included, ran the updated model
+    assert metrics["valid_loss"] == pytest.approx(ref_valid, rel=1e-5), name
+    assert metrics["valid_tokens"] == metrics["loss_tokens"], name
     # the gradient norm clipping uses, reported at every stage and precision where clipping is on
     pp, zero = RUNS[name][2], RUNS[name][7]
     if zero or pp == 1:

@@ -8,7 +8,9 @@ of the epoch's seeded permutation (a short tail is skipped); from a blend, each 
 blend.choose picks, the next one in that part's own permutation (its epochs wrap). DP rank r takes
 items r, r+DP, ... of those, cut into GAS micro-batches of m, and reads only them. The global
 batch is therefore the same whatever T, P, DP and m are, and the counts drawn from each part are
-all a checkpoint needs to resume the same data order."""
+all a checkpoint needs to resume the same data order. Only the first and last pipeline stages read:
+DeepSpeed loads micro-batches there alone (inputs on the first, labels on the last), so a middle
+stage's are placeholders it never touches."""
 import hashlib
 import json
 import os
@@ -124,8 +126,9 @@ class Position:
 
 
 class TrainBatches:
-    def __init__(self, parts: list[tuple], args, dp: int, dp_rank: int, dp_group, gas: int, global_batch: int):
-        self.parts = [p for _, p in parts]
+    def __init__(self, parts: list[tuple], args, dp: int, dp_rank: int, dp_group, gas: int, global_batch: int,
+                 reads: bool = True):
+        self.parts, self.reads = [p for _, p in parts], reads
         self.weights = np.array([w for w, _ in parts])
         self.args, self.dp, self.dp_rank, self.dp_group = args, dp, dp_rank, dp_group
         self.gas, self.global_batch = gas, global_batch
@@ -167,8 +170,11 @@ class TrainBatches:
         return picks, Position(drawn)
 
     def next(self, pos: Position):
-        """-> (micro-batches of this rank, global counts {loss_tokens, tokens}, position after)."""
+        """-> (micro-batches of this rank, global counts {loss_tokens, tokens}, position after); a
+        rank that does not read gets GAS placeholders and no counts."""
         picks, after = self.draws(pos)
+        if not self.reads:
+            return [None] * self.gas, None, after
         mine = [self.parts[d].item(j) for d, j in picks[self.dp_rank::self.dp]]
         m = len(mine) // self.gas
         micro = [to_micro_batch(mine[i * m:(i + 1) * m], self.args.pack) for i in range(self.gas)]
@@ -195,13 +201,17 @@ class ValidBatches:
     times its memory-mapped size. A rank left without any sample gets one batch with an empty loss
     mask, so that every rank takes part in the collectives."""
 
-    def __init__(self, part: Part, micro: int, dp: int, dp_rank: int):
+    def __init__(self, part: Part, micro: int, dp: int, dp_rank: int, reads: bool = True):
         self.part, self.micro, self.mine = part, micro, shard_indices(part.items, dp_rank, dp)
+        self.reads = reads
 
     def __len__(self) -> int:
         return max(1, -(-len(self.mine) // self.micro))
 
     def __iter__(self):
+        if not self.reads:  # as many placeholders as the stages that read have batches
+            yield from [None] * len(self)
+            return
         if not self.mine:
             inputs, (targets, mask) = to_micro_batch([self.part.item(0)], False)
             yield inputs, (targets, torch.zeros_like(mask))

@@ -52,8 +52,9 @@ def train(args) -> None:
     valid_data = load_parts([args.valid_data], "--valid-data", tokenizer, folder, args, False)[0][1] \
         if args.valid_data else None
     gas = ds_config["gradient_accumulation_steps"]
+    reads = state.get_pipeline_model_parallel_rank() in (0, pp - 1)  # the stages DeepSpeed loads batches on
     batches = TrainBatches(train_data, args, dp, dp_rank, state.get_data_parallel_group(), gas,
-                           ds_config["train_batch_size"])
+                           ds_config["train_batch_size"], reads)
     total = batches.total_iters()
     writer = dist.get_rank() == writer_rank()
     if writer:
@@ -92,13 +93,15 @@ def train(args) -> None:
     log = None
     if writer:
         log = MetricsLog(metrics_folder(args), args.tensorboard_dir, total, start)
-    valid = ValidBatches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank) if valid_data else None
+    valid = ValidBatches(valid_data, ds_config["train_micro_batch_size_per_gpu"], dp, dp_rank, reads) \
+        if valid_data else None
     gpu = torch.cuda.is_available()
     done = start
     for iteration in range(start + 1, total + 1):
         micro, counts, position = batches.next(position)
         loss_fn.reset()
-        loss_fn.denom = counts["loss_tokens"] / (gas * dp)
+        if counts:  # (a middle pipeline stage reads nothing and computes no loss)
+            loss_fn.denom = counts["loss_tokens"] / (gas * dp)
         loss_fn.lam = idft_lambda((iteration - 1) / total, args.idft_warmup_ratio, args.idft_transition_ratio)
         lr = engine.get_lr()[0]
         if gpu:
