@@ -282,11 +282,15 @@ def test_a_plain_process_in_a_batch_script_is_a_job_of_one(tmp_path):
     assert result.stdout.strip().splitlines()[-1:] == ["1"], result.stderr[-3000:]
 
 
-def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch):
-    """srun --gpus-per-task=1: DeepSpeed's init_process_group binds NCCL to cuda:LOCAL_RANK, so
-    LOCAL_RANK must be the GPU ordinal (0) by then, not the task's rank on its node (3): torch
-    refuses cuda:3 where one GPU is visible. (No GPU here: the CUDA calls are stand-ins.)"""
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch, launcher):
+    """srun --gpus-per-task=1 (or mpirun with one GPU a rank): DeepSpeed's init_process_group binds
+    NCCL to cuda:LOCAL_RANK, so LOCAL_RANK must be the GPU ordinal (0) by then, not the task's rank
+    on its node (3): torch refuses cuda:3 where one GPU is visible. Under mpirun the rank comes from
+    DeepSpeed's MPI discovery, which must therefore run first. (No GPU here: the CUDA calls are
+    stand-ins, and so is the MPI discovery; the real one runs in the mpirun layout above.)"""
     import deepspeed
+    from deepspeed.comm import comm as ds_comm
 
     seen = {}
 
@@ -302,8 +306,15 @@ def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("device", d))
     monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
-    for key, value in dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1").items():
-        monkeypatch.setenv(key, value)
+    placed = dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1")
+    for key in (*placed, "SLURM_PROCID", "PMI_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    if launcher == "srun":
+        for key, value in placed.items():
+            monkeypatch.setenv(key, value)
+    else:  # what the discovery writes (deepspeed.comm.comm.mpi_discovery)
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+        monkeypatch.setattr(ds_comm, "mpi_discovery", lambda **_: os.environ.update(placed))
     with pytest.raises(Stop):
         state.init_distributed()
     assert seen == {"LOCAL_RANK": "0", "device": 0} and state.node_local_rank() == 3

@@ -26,18 +26,22 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     how long a collective may wait (Megatron's --distributed-timeout-minutes), e.g. for the node's
     first rank to build the data cache.
 
-    deepspeed.comm reads the launcher's environment (deepspeed, torchrun) and, failing that,
-    discovers rank and world size through MPI (mpirun, mpiexec). An srun step's tasks (with or
-    without srun's PMI plugin) are placed by SLURM's variables, translated here."""
+    deepspeed.comm reads the launcher's environment (deepspeed, torchrun); under an MPI launcher
+    (mpirun, mpiexec) DeepSpeed's MPI discovery writes that environment first. An srun step's tasks
+    (with or without srun's PMI plugin) are placed by SLURM's variables, translated here."""
     if dist.is_initialized():
         return
     import deepspeed
+    from deepspeed.comm import comm as ds_comm
 
     env = os.environ
-    if "RANK" not in env and srun_task(env) and not _mpi_launched(env):
+    if "RANK" not in env and _mpi_launched(env):
+        # Here, not inside init_distributed: LOCAL_RANK must be a GPU ordinal before NCCL binds.
+        ds_comm.mpi_discovery(verbose=False)
+    elif "RANK" not in env and srun_task(env):
         for key, value in slurm_env(env).items():
             env.setdefault(key, value)
-    elif "RANK" not in env and not _mpi_launched(env):  # plain `python tool.py`, also inside a batch script
+    elif "RANK" not in env:  # plain `python tool.py`, also inside a batch script
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -51,11 +55,9 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     # Every later group too, DeepSpeed's pipeline groups included, which it makes without a
     # timeout: torch's default for those is 10 minutes (NCCL), whatever the flag says.
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True, verbose=False,
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
     _unlink_shm_workspace()
-    if cuda and _NODE_RANK is None:  # LOCAL_RANK came from DeepSpeed's MPI discovery
-        torch.cuda.set_device(_local_rank_as_gpu_ordinal(torch.cuda.device_count()))
 
 
 def srun_task(env) -> bool:
