@@ -20,7 +20,7 @@ from . import checkpoint
 from .engine import make_engine, pipeline_module
 from .model import build_pipeline, hf_names
 
-MAX_FILE_BYTES = 4 * 10**9  # transformers' default max_shard_size, "4GB"
+MAX_FILE_BYTES = 4 * 10**9  # "4GB", tools/export_hf.py's default --max-shard-size
 
 
 def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> None:
