@@ -52,6 +52,13 @@ def dense(q, k, v, ok):
     return scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1) @ v
 
 
+def cuda_layout(sdpa):
+    """SDPA with its output in the memory layout of CUDA's memory-efficient and flash kernels,
+    [B, Lq, H, D] seen as [B, H, Lq, D]: the same values, but heads and queries cannot be merged by
+    a view, which the CPU's contiguous output allows."""
+    return lambda *args, **kwargs: sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def out_and_grads(fn, q, k, v, weight):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
@@ -62,8 +69,10 @@ def out_and_grads(fn, q, k, v, weight):
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("window,block", [(None, 512), (1, 512), (3, 512), (8, 512), (8, 3), (13, 4), (64, 512)])
 def test_packed_and_windowed_spans_equal_dense_and_mask_paths(monkeypatch, heads, window, block):
-    """Windows shorter and longer than documents; block < window runs the first blocks' clipped keys."""
+    """Windows shorter and longer than documents; block < window runs the first blocks' clipped keys.
+    SDPA's output has CUDA's layout (cuda_layout)."""
     monkeypatch.setattr(attention, "WINDOW_BLOCK", block)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout(F.scaled_dot_product_attention))
     H, Hk = heads
     torch.manual_seed(0)
     B, L, D = *SEG.shape, 16
@@ -156,7 +165,8 @@ def test_flex_compiles_once_for_every_packing():
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_left_padded_prompts_attend_within_themselves(window):
+def test_left_padded_prompts_attend_within_themselves(window, monkeypatch):
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout(F.scaled_dot_product_attention))
     torch.manual_seed(1)
     pads, W = [0, 3, 9], 12
     q, k, v = torch.randn(3, 4, W, 8), torch.randn(3, 2, W, 8), torch.randn(3, 2, W, 8)
@@ -168,11 +178,14 @@ def test_left_padded_prompts_attend_within_themselves(window):
         assert not out[r, :, :p].any(), "pad queries output zeros"
 
 
+@pytest.mark.parametrize("layout", ["cpu", "cuda"])
 @pytest.mark.parametrize("heads", [(6, 2), (6, 3), (6, 6)], ids=["gqa3", "gqa2", "mha"])
-def test_a_decode_step_attends_like_the_dense_reference(heads):
+def test_a_decode_step_attends_like_the_dense_reference(heads, layout, monkeypatch):
     """One query a row against a cache of keys, some masked (pads, unwritten columns), as decode
     steps run it: GQA folds a group's query heads into one K/V head's rows, which must keep query
-    head i on K/V head i // group."""
+    head i on K/V head i // group, whatever the memory layout SDPA's output has."""
+    if layout == "cuda":
+        monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout(F.scaled_dot_product_attention))
     H, Hk = heads
     torch.manual_seed(2)
     B, L, D = 3, 10, 8

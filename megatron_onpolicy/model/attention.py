@@ -192,7 +192,7 @@ def _one_query(q, k, v, mask):
     equal head counts run the memory-efficient one. mask [B, 1, 1, Lk] covers the group's rows."""
     b, h, _, d = q.shape
     out = F.scaled_dot_product_attention(q.view(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=mask)
-    return out.view(b, h, 1, d)
+    return out.reshape(b, h, 1, d)  # not a view: CUDA's kernels lay the output out [B, Lq, H, D]
 
 
 def _sdpa(q, k, v, gqa: bool, **kwargs):
