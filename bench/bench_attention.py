@@ -105,6 +105,8 @@ def attention_table(args):
                                                 "--threads", args.threads, "--dtype", args.dtype])
         if r is not None:
             res[case] = r
+    if not res:  # every case failed, each saying why
+        return
     first = next(iter(res.values()))
     print(f"torch {torch.__version__}, {first['device']}, {args.dtype}, one packed row of {args.length} tokens, "
           f"{args.samples} samples, window {args.window}, best of {args.repeat}, one process per case")

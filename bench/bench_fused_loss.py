@@ -195,6 +195,8 @@ def main():
                                             *(["--chunk-size", args.chunk_size] if args.chunk_size else [])])
                     if r is not None:
                         res[case] = r
+                if not res:  # every case failed (each said why): on to the next shape
+                    continue
                 print(f"\nN={n} V={v} D={d} ({next(iter(res.values()))['device']})")
                 print(f"  {'case':10s} {'time s':>8s} {'x floor':>8s} {'peak GB':>8s} {'x naive':>8s}")
                 for case, r in res.items():
