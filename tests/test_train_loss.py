@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_onpolicy.ddt import LOSS_KINDS, IDFTConfig
 from megatron_onpolicy.train.loss import TrainLoss
+from megatron_onpolicy.train.metrics import cat
 
 B, L, D, V = 3, 9, 16, 40
 
@@ -38,7 +39,7 @@ def run(fused, kind, weight, cases):
             loss.backward()
             losses.append(loss.detach())
             grads.append(h.grad)
-    return losses, grads, w.grad, fn.sums, torch.cat(fn.phi), flops.get_total_flops()
+    return losses, grads, w.grad, fn.sums, cat(fn.phi), flops.get_total_flops()
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)

@@ -27,7 +27,7 @@ class TrainLoss:
 
     def reset(self):
         self.sums = None
-        self.phi, self.gamma = [], []  # this rank's loss tokens, with keep_tokens
+        self.phi, self.gamma = [], []  # (values, loss mask) a micro-batch, with keep_tokens: metrics.cat
 
     def __call__(self, outputs, labels):
         """outputs: the head's vocab-sharded logits, or (hidden, weight shard) for the fused loss."""
@@ -53,7 +53,8 @@ class TrainLoss:
     @torch.no_grad()
     def _record(self, stats, gamma, loss_mask):
         # Masked sums, not boolean indexing: the sums stay on the device without a host sync
-        # per micro-batch; only the histogram tokens need the selection.
+        # per micro-batch. The histogram tokens are selected after the step (metrics.cat), whose
+        # time they would otherwise count.
         keep = loss_mask > 0
 
         def total(x):
@@ -67,5 +68,5 @@ class TrainLoss:
                             (keep & (phi < -1)).sum().float()]).double()
         self.sums = sums if self.sums is None else self.sums + sums
         if self.keep_tokens:
-            self.phi.append(phi[keep].float())
-            self.gamma.append(gamma[keep].float())
+            self.phi.append((phi.float(), keep))
+            self.gamma.append((gamma.float(), keep))

@@ -102,4 +102,5 @@ def _keep_until(path: Path, iteration: int) -> None:
 
 
 def cat(chunks) -> torch.Tensor:
-    return torch.cat(chunks) if chunks else torch.zeros(0)
+    """The loss tokens' values of TrainLoss's (values, loss mask) chunks, in one tensor."""
+    return torch.cat([values[keep] for values, keep in chunks]) if chunks else torch.zeros(0)
