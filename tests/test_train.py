@@ -306,15 +306,17 @@ def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch, launcher):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("device", d))
     monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
-    placed = dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1")
-    for key in (*placed, "SLURM_PROCID", "PMI_RANK"):
+    def place():  # (through monkeypatch, so that the variables go with the test)
+        for key, value in dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1").items():
+            monkeypatch.setenv(key, value)
+
+    for key in ("RANK", "SLURM_PROCID", "PMI_RANK"):
         monkeypatch.delenv(key, raising=False)
     if launcher == "srun":
-        for key, value in placed.items():
-            monkeypatch.setenv(key, value)
+        place()
     else:  # what the discovery writes (deepspeed.comm.comm.mpi_discovery)
         monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
-        monkeypatch.setattr(ds_comm, "mpi_discovery", lambda **_: os.environ.update(placed))
+        monkeypatch.setattr(ds_comm, "mpi_discovery", lambda **_: place())
     with pytest.raises(Stop):
         state.init_distributed()
     assert seen == {"LOCAL_RANK": "0", "device": 0} and state.node_local_rank() == 3
