@@ -17,7 +17,9 @@ sequence, so its tokens/s at 256 tokens would be lower still than the one measur
         [--naive-examples 2] [--threads T] [--dtype fp32|bf16] [--cuda-graph]
 
 On a machine with a GPU everything runs there (cli.device()); --cuda-graph times ours a second
-time with the decode steps replayed from a CUDA graph, beside the eager runs."""
+time with the decode steps replayed from a CUDA graph, beside the eager runs. Each graphed run
+captures its graph (one eager warm-up step and the capture), as every call of generate does, so
+its time includes that once-a-batch cost."""
 import argparse
 import json
 import math
