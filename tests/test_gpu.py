@@ -17,7 +17,7 @@ from tests.test_attention import CUTS, SEG, mask_path
 from tests.test_fused_loss import run_path
 from tests.test_generate import IdTokenizer, prompts_of, save_tiny
 from tests.test_model import VOCAB, make_hf_model
-from tests.test_train_step import EPS, ROWS, dense_step, setup  # noqa: F401 (setup: a fixture)
+from tests.test_train_step import ROWS, dense_step, setup, step_flags  # noqa: F401 (setup: a fixture)
 from tests.train_utils import ROOT, launch, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -236,7 +236,7 @@ def test_training_step_on_gpu_equals_dense_reference(setup, name):  # noqa: F811
     result = launch(1, "--model", setup.models[model], "--train-data", setup.train, "--seq-length", 256,
                     "--micro-batch-size", 2, "--global-batch-size", ROWS, "--train-iters", 1,
                     "--loss", kind, *(() if fused else ("--no-fused-loss",)),
-                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9, "--lr-decay-style", "constant",
+                    *step_flags(lr), "--clip-grad", 1e9,
                     "--save", out, "--export-hf", out / "hf",
                     "--deepspeed_config", ROOT / "ds_configs" / f"{config}.json", runner="torchrun")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -83,6 +83,8 @@ def test_tp2_pp2_trains_like_one_process(runs):
     ref, par = runs[(1, 1, 1)], runs[(2, 2, 1)]
     assert [m["iteration"] for m in par] == [1, 2, 3, 4]
     assert ref[1]["loss"] != pytest.approx(ref[0]["loss"], rel=1e-3), "the lr must move the loss"
+    # the lr each step applied (the optimizer's, read before the step): linear decay by default
+    assert [m["lr"] for m in ref] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2], rel=1e-12)
     assert ref[0]["grad_norm"] > 1.0, "clipping (at 1.0) must be active"
     for a, b in zip(ref, par):
         for key in ("loss", "grad_norm", "phi_mean", "lr"):
@@ -91,6 +93,18 @@ def test_tp2_pp2_trains_like_one_process(runs):
     for key in ("iteration", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "phi_mean", "phi_std",
                 "gamma_mean", "lam", "frac_phi_lt_-1", "epoch", "epoch_position"):
         assert key in par[0], key
+
+
+def test_idft_lam_ramps_with_progress(setup):
+    """DESIGN.md section 2: lam(t), t = step / total_steps (steps from 0), is 0 during the warmup
+    ratio, then linear over the transition ratio. At lam 0 the trained IDFT weight p^g has g = 1: the
+    loss applied is DFT's, on the same tokens."""
+    metrics = run(setup, 0, "idft-ramp", 1, 1, 4, 4, "--loss", "idft", "--lr", 0, "--train-iters", 4,
+                  "--idft-warmup-ratio", 0.5, "--idft-transition-ratio", 0.5)
+    assert [m["lam"] for m in metrics] == [0.0, 0.0, 0.0, 0.5]  # t = 0, 1/4, 2/4, 3/4
+    for m in metrics[:3]:
+        assert m["loss"] == pytest.approx(m["loss_dft"], rel=1e-6), m["iteration"]
+    assert metrics[3]["loss"] != pytest.approx(metrics[3]["loss_dft"], rel=1e-3)
 
 
 def test_metrics_files(setup, runs):

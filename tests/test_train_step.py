@@ -8,7 +8,9 @@ Adam's first step is lr * g / (|g| + eps): with eps far above every |g| it is lr
 in the gradient, so a wrongly scaled or weighted loss moves the weights differently (with the
 default eps it would be about lr * sign(g) and hide such errors). lr is set from the objective's
 mean token weight (p_y ** gamma is tiny on a random model) so that every step is well above fp32
-resolution. Clipping is kept out of the way.
+resolution. Clipping is kept out of the way. Weight decay shrinks the 2-D weights by 1 % and
+leaves the norms alone, and IDFT runs with beta, gamma_min and gamma_max other than their defaults,
+so that a flag the trainer ignored, or applied to other parameters, moves the weights differently.
 """
 import math
 from types import SimpleNamespace
@@ -24,6 +26,8 @@ from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 ROWS = 4      # one global batch: the first iteration sees every row
 EPS = 1e4  # above every |g|: the update lr * g / (|g| + eps) is lr / eps * g
+DECAY = 1e-2  # lr * weight decay: AdamW multiplies each decayed weight by 1 - DECAY
+IDFT = {"beta": 2.0, "gamma_min": 0.5, "gamma_max": 1.5}
 # name: (processes, T, P, micro-batch, loss, fused, model, ZeRO stage); global batch ROWS,
 # DP = processes / (T * P). Models: a Llama with a tied or an untied head, a Qwen3 (tied), whose
 # q / k norms each TP rank applies to its own heads; a 3-layer tied Llama, one layer a stage at P = 3,
@@ -65,6 +69,12 @@ def peaked(folder):
     return folder
 
 
+def step_flags(lr) -> tuple:
+    """The optimizer and objective flags of a run that dense_step's reference matches."""
+    return ("--lr", lr, "--adam-eps", EPS, "--weight-decay", DECAY / lr, "--lr-decay-style", "constant",
+            "--idft-beta", IDFT["beta"], "--idft-gamma-min", IDFT["gamma_min"], "--idft-gamma-max", IDFT["gamma_max"])
+
+
 def train_one_step(s, name, lr):
     n, tp, pp, micro, kind, fused, model, zero = RUNS[name]
     out = s.tmp / name
@@ -74,8 +84,8 @@ def train_one_step(s, name, lr):
                     "--loss", kind, *(("--loss-chunk-size", 37) if fused else ("--no-fused-loss",)),
                     # clipping out of the way: a threshold never reached (the norm is still computed and
                     # reported), or none for fp32 at stage 0 under PP, refused there (train/ds_config.py)
-                    "--lr", lr, "--adam-eps", EPS, "--clip-grad", 1e9 if zero or pp == 1 else 0,
-                    "--lr-decay-style", "constant", "--valid-data", s.train,  # validated after the step
+                    *step_flags(lr), "--clip-grad", 1e9 if zero or pp == 1 else 0,
+                    "--valid-data", s.train,  # validated after the step
                     "--save", out, "--export-hf", out / "hf",
                     "--deepspeed_config", ROOT / "ds_configs" / f"zero{zero}_fp32.json",
                     runner="torchrun")  # a free port of its own: other jobs may hold deepspeed's default
@@ -86,24 +96,26 @@ def train_one_step(s, name, lr):
 
 
 def dense_step(folder, train, kind):
-    """The reference: every row in one batch, the mean over all loss tokens, one AdamW step.
-    -> (updated weights, loss, lr)"""
+    """The reference: every row in one batch, the mean over all loss tokens, one AdamW step that
+    decays the 2-D weights only (Megatron's rule). -> (updated weights, (loss, gradient norm), lr)"""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     b = collate([tokenize_row(tok, r.data, r.source, i) for i, r in enumerate(read_rows(train))], 0)
     logq = model(b["input_ids"]).logits.double().log_softmax(-1)  # right padding: real positions unaffected
     logp = logq.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     entropy = -(logq.exp() * logq).sum(-1)
-    with torch.no_grad():  # DESIGN.md section 2, the weights detached; beta 1, gamma in [0.1, 2], lam 1
-        w = {"ce": torch.ones_like(logp), "dft": logp.exp(),
-             "idft": logp.exp() ** torch.exp(-(logp + entropy)).clamp(0.1, 2.0),
+    with torch.no_grad():  # DESIGN.md section 2, the weights detached; lam 1
+        gamma = torch.exp(-(logp + entropy) / IDFT["beta"]).clamp(IDFT["gamma_min"], IDFT["gamma_max"])
+        w = {"ce": torch.ones_like(logp), "dft": logp.exp(), "idft": logp.exp() ** gamma,
              "eaft": entropy / math.log(model.config.vocab_size)}[kind]
     mask = b["loss_mask"].double()
     loss = -(mask * w * logp).sum() / mask.sum()
     loss.backward()
     norm = float(sum(p.grad.double().square().sum() for p in model.parameters()).sqrt())
     lr = 10 * EPS / float((mask * w).sum() / mask.sum())  # updates of about 10 x the CE gradient
-    torch.optim.AdamW(model.parameters(), lr=lr, eps=EPS, weight_decay=0.0).step()
+    params = list(model.parameters())
+    torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": DECAY / lr},
+                       {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}], lr=lr, eps=EPS).step()
     return {k: v.detach() for k, v in model.state_dict().items()}, (loss.item(), norm), lr
 
 
