@@ -12,7 +12,7 @@ import transformers
 
 from megatron_onpolicy.data import (DataError, Sample, collate, collate_packed, fit_length, pack, read_rows,
                                     shard_indices, tokenize_row)
-from megatron_onpolicy.data.blend import permutation
+from megatron_onpolicy.data.blend import choose, parse_blend, permutation
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is \\boxed{5}."},
@@ -230,6 +230,35 @@ def test_epoch_permutation_deterministic_and_per_epoch_and_part():
     assert sorted(permutation(50, 1234, 0, 3).tolist()) == list(range(50))
     for other in (permutation(50, 1234, 0, 1), permutation(50, 99, 0, 0), permutation(50, 1234, 1, 0)):
         assert not np.array_equal(first, other)
+
+
+def test_parse_blend_normalises_the_weights():
+    assert parse_blend(["3", "a", "1", "b"], "--train-data") == [(0.75, "a"), (0.25, "b")]
+    assert parse_blend(["1", "a", "1", "b", "2", "c"], "--x") == [(0.25, "a"), (0.25, "b"), (0.5, "c")]
+    assert parse_blend(["0.7", "a", "0.3", "b"], "--x") == [(0.7, "a"), (0.3, "b")]
+    assert parse_blend(["a"], "--x") == [(1.0, "a")]
+    for bad in (["0", "a", "1", "b"], ["x", "a"], ["1", "a", "b"]):
+        with pytest.raises(DataError, match="--x: "):
+            parse_blend(bad, "--x")
+
+
+def test_blend_choose_is_the_documented_greedy_rule():
+    """Item t+1 goes to the part with the largest shortfall w * (t + 1) - drawn, the first on ties.
+    By hand for (3/4, 1/4): t=0 shortfalls (.75, .25) -> a; t=1 (1.5-1, .5-0) tie -> a;
+    t=2 (2.25-2, .75) -> b; t=3 (3-2, 1-1) -> a; then (3, 1) drawn: the same again."""
+    def draws(weights, n):
+        drawn, out = [0] * len(weights), []
+        for _ in range(n):
+            k = choose(np.array(weights), drawn)
+            drawn[k] += 1
+            out.append("abc"[k])
+        return "".join(out)
+    assert draws([0.75, 0.25], 12) == "aaba" * 3
+    # (1/2, 1/2): t=0 tie -> a; t=1 (1-1, 1-0) -> b; and so on
+    assert draws([0.5, 0.5], 6) == "ababab"
+    # (0.2, 0.3, 0.5): t=0 (.2, .3, .5) -> c; t=1 (.4, .6, 1-1) -> b; t=2 (.6, .9-1, 1.5-1) -> a;
+    # t=3 (.8-1, 1.2-1, 2-1) -> c; t=4 (1-1, 1.5-1, 2.5-2) tie b, c -> b
+    assert draws([0.2, 0.3, 0.5], 5) == "cbacb"
 
 
 # --- bundled data ---

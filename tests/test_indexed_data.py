@@ -16,11 +16,11 @@ import pytest
 import torch
 import transformers
 
-from megatron_onpolicy.data import DataError, collate, read_rows, tokenize_row
+from megatron_onpolicy.data import DataError, collate, fit_length, read_rows, tokenize_row
 from megatron_onpolicy.data.indexed import IndexedDataset
 from megatron_onpolicy.data.preprocess import Settings, _claim_tmp, preprocess
 from megatron_onpolicy.model.loader import load_tokenizer
-from megatron_onpolicy.train.batches import Part, TrainBatches, ValidBatches
+from megatron_onpolicy.train.batches import Part, TrainBatches, ValidBatches, load_parts
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 L = 512
@@ -74,6 +74,47 @@ def test_workers_give_the_same_bytes_and_samples_are_tokenize_rows(setup):
     for p in packs:
         assert p.input_ids == [t for i in p.indices for t in truth[i].input_ids]
         assert p.segment_ids == [k for k, i in enumerate(p.indices, 1) for _ in truth[i].input_ids]
+
+
+def test_samples_cut_at_read_time_are_fit_lengths_of_the_rows(setup):
+    """A prefix preprocessed without --seq-length is fitted when read: sample(i, k) and a Part of
+    --seq-length k give data.fit_length(tokenize_row(row), k, "truncate") of the raw rows, ids,
+    loss mask and prompt length alike (the mask read after the sample's n ids, not after k)."""
+    s = setup
+    ds = IndexedDataset(s.tmp / "plain")
+    assert not ds.meta["seq_length"]
+    truth = [tokenize_row(s.tok, r.data, r.source, i) for i, r in enumerate(read_rows(s.train))]
+    conv_lengths = [len(t.input_ids) for t in truth[28:]]
+    for k in (58, 70, 100, min(conv_lengths) - 5):
+        fitted = [fit_length(t, k, "truncate") for t in truth]
+        cut = [i for i, (t, f) in enumerate(zip(truth, fitted)) if f is not None and len(t.input_ids) > k]
+        assert len(cut) >= 4, k  # samples that really are cut, with targets left
+        for i in cut:
+            assert ds.sample(i, k) == fitted[i], (k, i)
+            assert ds.sample(i, k).loss_mask == truth[i].loss_mask[:k]
+        args = SimpleNamespace(seq_length=k, overlong="truncate")
+        part = Part("plain", ds, args, False)
+        kept = [f for f in fitted if f is not None]
+        assert part.items == len(kept) and part.truncated == len(cut), k
+        assert [part.item(j) for j in range(part.items)] == kept, k
+    assert any(fit_length(t, 58, "truncate") is None for t in truth)  # k 58 drops some rows too
+
+
+def test_a_blend_weighted_3_to_1_draws_3_to_1(setup):
+    """--train-data 3 A 1 B: the weights are shares (3/4, 1/4), and the engine is fed 3 items of
+    A for each of B: by the greedy rule, exactly 3k and k after 4k items."""
+    s = setup
+    if not (s.tmp / "b.idx").exists():
+        preprocess(s.tmp / "b.jsonl", s.tmp / "b", s.model, Settings(), workers=1, progress=False)
+    args = SimpleNamespace(seq_length=L, overlong="truncate", pack=False, seed=3, train_iters=20, epochs=None,
+                           prompt_key="prompt", response_key="response")
+    parts = load_parts(["3", str(s.tmp / "a"), "1", str(s.tmp / "b")], "--train-data", s.tok, s.model, args, False)
+    assert [w for w, _ in parts] == [0.75, 0.25]
+    batches = TrainBatches(parts, args, 1, 0, None, 1, 4)
+    pos = batches.start()
+    for it in range(1, 21):
+        _, _, pos = batches.next(pos)
+        assert pos.drawn == [3 * it, it], it
 
 
 def train(s, name, data, *extra, n=0, runner="deepspeed"):
