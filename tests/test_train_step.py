@@ -30,9 +30,9 @@ DECAY = 1e-2  # lr * weight decay: AdamW multiplies each decayed weight by 1 - D
 IDFT = {"beta": 2.0, "gamma_min": 0.5, "gamma_max": 1.5}
 # name: (processes, T, P, micro-batch, loss, fused, model, ZeRO stage); global batch ROWS,
 # DP = processes / (T * P). Models: a Llama with a tied or an untied head, a Qwen3 (tied), whose
-# q / k norms each TP rank applies to its own heads; a 3-layer tied Llama, one layer a stage at P = 3,
-# whose middle stage reads no data and holds neither end of the tied embedding. At stage 0 and DP = 1 DeepSpeed's gradient all-reduce is skipped
-# (train/engine.py); at DP = 2 it must not be.
+# q / k norms each TP rank applies to its own heads; a 3-layer tied Llama, one layer a stage at
+# P = 3, whose middle stage reads no data and holds neither end of the tied embedding. At stage 0
+# and DP = 1 DeepSpeed's gradient all-reduce is skipped (train/engine.py); at DP = 2 it must not be.
 RUNS = {
     "ce-1-fused": (0, 1, 1, 4, "ce", True, "tied", 1),
     "idft-gas4-fused-zero0": (0, 1, 1, 1, "idft", True, "tied", 0),
