@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from megatron_onpolicy.model.hub import resolve_model_path
 
@@ -38,8 +39,8 @@ def model_samples():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     torch.manual_seed(0)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=True)["input_ids"] for q in QUESTIONS]
@@ -157,3 +158,35 @@ def test_dumped_response_ids_are_the_scored_tokens_of_a_conversation(tmp_path):
     row, = score_batch(model, [sample], 0, dump_tokens=True)
     assert len(row["response_ids"]) == len(row["phi"]) == row["num_tokens"]
     assert tok.decode(row["response_ids"]) == "".join(t + tok.eos_token for t in turns)
+
+
+def test_scores_and_dumped_ids_match_transformers(scored):
+    """A human and a model row of the TP=1 and TP=3 runs against transformers' own forward, with
+    log_softmax by hand: avg_logp = mean log p(y), avg_entropy = mean H, avg_phi = mean(log p(y) + H)
+    (DESIGN.md). The dumped prompt_ids are the chat template of the user turn with the generation
+    prompt, straight from the tokenizer, and response_ids the response's tokens and EOS."""
+    rows, out, _ = scored
+    folder = resolve_model_path("smollm2-135m")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt_of = lambda row: list(tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                                         add_generation_prompt=True, tokenize=True)["input_ids"])
+    for tp in (1, 3):
+        for row, res in zip(rows, out[tp]):
+            assert res["prompt_ids"] == prompt_of(row)
+            assert res["response_ids"] == tok(row["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    human = next(i for i, r in enumerate(rows) if r["source"] == "human")
+    sample = next(i for i, r in enumerate(rows) if r["source"] == "model")
+    for i in (human, sample):
+        prompt = prompt_of(rows[i])
+        ids = torch.tensor([prompt + tok(rows[i]["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]])
+        with torch.no_grad():
+            logp = model(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1)
+        logp_y = logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+        for tp in (1, 3):
+            res = out[tp][i]
+            assert res["num_tokens"] == len(logp_y)
+            assert res["avg_logp"] == pytest.approx(float(logp_y.mean()), abs=1e-4), (tp, i)
+            assert res["avg_entropy"] == pytest.approx(float(entropy.mean()), abs=1e-4), (tp, i)
+            assert res["avg_phi"] == pytest.approx(float((logp_y + entropy).mean()), abs=1e-4), (tp, i)

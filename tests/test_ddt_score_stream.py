@@ -4,6 +4,7 @@ a rank parses only its own share; a restart on another number of ranks keeps wha
 --keep-keys."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def streamed(tiny_model, data):  # noqa: F811
                 + '{"index": 7, "row": {"avg_ph')
         result = run(ranks, *base, "--data", str(tmp / data), "--out", str(tmp / f"{name}.jsonl"), *extra)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (tmp / f"{name}.log").write_text(result.stdout + result.stderr)
         out[name] = [json.loads(line) for line in open(tmp / f"{name}.jsonl")]
         assert not list(tmp.glob(f"{name}.jsonl.part-*")), "shard files left behind"
     return rows, out, tmp
@@ -85,10 +87,14 @@ def test_same_rows_and_values_at_any_window_and_rank_count(streamed):
 
 
 def test_restart_on_another_rank_count_keeps_what_was_written(streamed):
-    _, out, _ = streamed
+    _, out, tmp = streamed
     # Rows 1, 4, 10 came from the 3-rank shard file (not recomputed, not duplicated); the torn row 7 was redone.
     assert [out["all"][i]["avg_phi"] for i in (1, 4, 10)] == [101.0, 104.0, 110.0]
     assert out["all"][7]["avg_phi"] == pytest.approx(out["w1"][7]["avg_phi"], rel=1e-5)
+    # Both ranks read the 3-rank file; each counts its own share only (rank 0: 4, 10; rank 1: 1),
+    # so the progress bar starts at 3 rows done, not at 3 a rank.
+    log = (tmp / "all.log").read_text()
+    assert re.findall(r"ddt_score: .*?\| *(\d+)/11 ", log)[0] == "3", log[-3000:]
 
 
 def test_a_rank_parses_only_its_share(tiny_model, tmp_path):  # noqa: F811

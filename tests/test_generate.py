@@ -276,6 +276,22 @@ def test_analysis_stage_stops_at_marker(llama):
             assert prefix == g.tokens[:g.tokens.index(marker) + 1]
         else:  # the marker is appended when the analysis never writes it
             assert prefix == g.tokens + [marker]
+    # An analysis that ends on EOS: the EOS is dropped before the appended marker (a token of the
+    # second greedy analysis, past its start, that is not the marker, stands in for EOS).
+    eos = next(t for t in greedy[1].tokens[2:] if t != marker and t not in greedy[1].tokens[:2])
+    prefixes = write_analysis(llama, IdTokenizer(), hinted, SamplingParams(eos_ids=(eos,)),
+                              HintConfig(analysis_marker=f"<{marker}>", analysis_max_tokens=MAX_NEW))
+    ended_on_eos = 0
+    for g, prefix in zip(greedy, prefixes):
+        cut = next(k for k, t in enumerate(g.tokens + [marker]) if t in (marker, eos))
+        if cut < len(g.tokens) and g.tokens[cut] == eos:
+            assert prefix == g.tokens[:cut] + [marker]
+            ended_on_eos += 1
+        elif cut < len(g.tokens):
+            assert prefix == g.tokens[:cut + 1]
+        else:
+            assert prefix == g.tokens + [marker]
+    assert ended_on_eos
 
 
 def test_repetition_guard(tmp_path):

@@ -23,6 +23,9 @@ def tiny_config(kind: str):
         return transformers.LlamaConfig(**common, attention_bias=True, rope_parameters={
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if kind == "llama-yarn":  # attention factor 0.1 ln 4 + 1 != 1: scales both cos and sin
+        return transformers.LlamaConfig(**common, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})
     if kind == "qwen2":
         return transformers.Qwen2Config(**common, tie_word_embeddings=False)
     if kind == "qwen3":
@@ -60,14 +63,14 @@ def _tp_logits_worker(rank, world, folders, ids):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    kinds = ["llama-tied", "llama3-rope", "qwen2", "qwen3", "mistral-window"]
+    kinds = ["llama-tied", "llama3-rope", "llama-yarn", "qwen2", "qwen3", "mistral-window"]
     root = tmp_path_factory.mktemp("hf")
     return {k: (root / k, make_hf_model(k, root / k)) for k in kinds}
 
 
 def test_tp_logits_match_transformers(hf_models):
     torch.manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, 12))
+    ids = torch.randint(0, VOCAB, (2, 20))  # positions past the RoPE types' original 16
     folders = {k: f for k, (f, _) in hf_models.items()}
     ref = {}
     for kind, (_, hf) in hf_models.items():
@@ -197,3 +200,32 @@ def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "megatron_onpolicy"
     monkeypatch.setenv("MEGATRON_ONPOLICY_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
+
+
+def _gather_grad_worker(rank, world):
+    """TP groups {0, 1} and {2, 3}: a rank's place in its group is not its global rank."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes every group
+    group, first = groups[rank // 2], rank // 2 * 2
+    shard = lambda r: torch.arange(6.0).reshape(2, 3) + 10 * r  # [2, 3] shards, distinct per rank
+    x = shard(rank).requires_grad_()
+    y = gather_from_tp(x, group)
+    torch.testing.assert_close(y.detach(), torch.cat([shard(first), shard(first + 1)], -1), rtol=0, atol=0)
+    upstream = torch.arange(12.0).reshape(2, 6) * (rank + 1)  # distinct in every column and on every rank
+    y.backward(upstream)
+    local = rank - first
+    return rank, x.grad, upstream[:, 3 * local:3 * local + 3]
+
+
+def _gather_grad_all(rank, world):
+    out = [None] * world
+    dist.all_gather_object(out, _gather_grad_worker(rank, world))
+    return out
+
+
+def test_gather_from_tp_backward_keeps_the_group_ranks_slice():
+    """gather_from_tp's backward hands each rank the upstream gradient's columns of its own shard,
+    by its rank in the TP group (ranks 2 and 3 are the first and second of theirs)."""
+    results = run_distributed(_gather_grad_all, 4)
+    assert [r for r, _, _ in results] == [0, 1, 2, 3]
+    for rank, grad, expected in results:
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0, msg=lambda m: f"rank {rank}: {m}")

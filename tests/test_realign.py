@@ -129,6 +129,8 @@ def test_filtered_output_and_template_errors(tiny_model, tmp_path):
         # the score must be ten times nearer the EOS-free reference than the other.
         assert r["avg_phi_realigned"] == pytest.approx(without_eos, abs=1e-4)
         assert abs(r["avg_phi_realigned"] - with_eos) > 10 * abs(r["avg_phi_realigned"] - without_eos), r
+        # The original response is the input's whole answer: scored with its EOS target.
+        assert r["avg_phi_original"] == pytest.approx(hf_avg_phi(hf, tok, r["prompt"], r["response"], True), abs=1e-4)
 
     threshold = sorted(r["avg_phi_realigned"] for r in merged)[len(merged) // 2]
     kept_run = run("--out-dir", str(tmp_path / "kept"), f"--min-avg-phi={threshold}", "--keep-unfinished")
