@@ -3,9 +3,9 @@ item comes from, and each part's order within an epoch.
 
 The draw is Megatron's greedy interleaving, its shares counted after the draw: item t+1 comes from
 the part furthest below w * (t+1) (Megatron's helpers.cpp counts w * max(t, 1), which orders the
-first draws differently: a, b, a, a for (3/4, 1/4), here a, a, b, a). It is deterministic and depends only on the counts already drawn from each part, so
-those counts are the whole state a checkpoint needs; every part's count stays within one item of
-w * t at every t."""
+first draws differently: a, b, a, a for (3/4, 1/4), here a, a, b, a). It is deterministic and
+depends only on the counts already drawn from each part, so those counts are the whole state a
+checkpoint needs; every part's count stays within one item of w * t at every t."""
 import numpy as np
 
 from .rows import DataError
