@@ -16,8 +16,10 @@ def seeded_generator(seed: int, device) -> torch.Generator:
 
 
 def batch_generator(seed: int, indices, device) -> torch.Generator:
-    """A generator seeded by the run's seed and the batch's rows: a restarted run, or another
-    data-parallel layout with the same batches, draws the same numbers."""
+    """A generator seeded by the run's seed and the batch's rows: a batch of the same rows draws the
+    same numbers in a restarted run or another data-parallel layout. (A restart regroups the rows
+    left when it finds a batch only partly written, or another data-parallel size; those rows then
+    get other, equally valid, draws.)"""
     digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
     return seeded_generator(int.from_bytes(digest[:7], "little"), device)
 
