@@ -144,8 +144,62 @@ def check_against_dense(vocab, padded, group):
         assert torch.equal(bits(x), before), f"{dtype}: input logits modified in place"
 
 
+def check_banned_tokens(vocab, padded, group):
+    """Real columns at -inf (banned tokens): the statistics, losses and gradients are those of the
+    softmax over the other columns, finite, and no gradient reaches the banned columns."""
+    tp = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    shard = padded // tp
+    cols = slice(rank * shard, (rank + 1) * shard)
+    full, targets, mask = make_case(vocab, padded)
+    # columns no target uses: the first from every tenth column on (a TP 4 shard is 10 wide) at every
+    # position, and at one position every such column of the first half of the vocabulary
+    banned = torch.zeros(*SHAPE, padded, dtype=torch.bool)
+    free = [c for c in range(vocab) if c not in targets.flatten().tolist()]
+    for start in range(0, vocab, 10):
+        banned[..., next(c for c in free if c >= start)] = True
+    banned[1, 2, [c for c in free if c < vocab // 2]] = True
+    full = full.masked_fill(banned, float("-inf"))
+    # the reference: each position's softmax over its own unbanned columns, targets renumbered
+    ref = {k: torch.zeros(SHAPE, dtype=torch.float64) for k in ("logp", "entropy", "phi", "var")}
+    keep = mask.bool()
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = full.to(dtype)
+        stats = vocab_parallel_stats(logits[..., cols].clone(), targets, group, vocab)
+        for kind, lam in LOSSES:
+            xg = logits[..., cols].clone().requires_grad_()
+            loss, _, _, _ = ddt_loss(xg, targets, mask, kind, 7.0, group, vocab, lam)
+            loss.backward()
+            ref_loss, ref_grad = torch.zeros((), dtype=torch.float64), torch.zeros(*SHAPE, padded, dtype=torch.float64)
+            for b in range(SHAPE[0]):
+                for t in range(SHAPE[1]):
+                    kept = [c for c in range(vocab) if not banned[b, t, c]]
+                    new = torch.tensor([kept.index(int(targets[b, t])) if targets[b, t] >= 0 else -100])
+                    one = dense_reference(logits[b, t, kept].view(1, 1, -1), new.view(1, 1), mask[b, t].view(1, 1),
+                                          len(kept), kind, 7.0, lam)
+                    # eaft divides H by the log of the true vocab size, banned columns included; w is detached,
+                    # so the loss and gradient are linear in it
+                    scale = math.log(len(kept)) / math.log(vocab) if kind == "eaft" else 1.0
+                    ref_loss += scale * one["loss"]
+                    ref_grad[b, t, kept] = scale * one["grad"][0, 0]
+                    for name in ref:
+                        ref[name][b, t] = one[name][0, 0]
+            what = f"TP={tp} {dtype} {kind} lam={lam} banned"
+            assert torch.isfinite(loss) and torch.isfinite(xg.grad).all(), what
+            close(loss, ref_loss, what=what + " loss")
+            close(xg.grad, ref_grad[..., cols], what=what + " grad",
+                  **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=8e-3)))
+            assert (xg.grad[banned[..., cols]] == 0).all(), what
+        for name in ("logp", "phi"):  # masked positions have no real target
+            close(getattr(stats, name)[keep], ref[name][keep], what=f"TP={tp} {dtype} {name} banned")
+        for name in ("entropy", "var"):
+            assert torch.isfinite(getattr(stats, name)).all(), name
+            close(getattr(stats, name), ref[name], what=f"TP={tp} {dtype} {name} banned")
+
+
 def test_single_process_matches_dense():
     check_against_dense(37, 40, None)  # padding also on a single rank
+    check_banned_tokens(37, 40, None)
 
 
 def _tp_worker(rank, world_size):
@@ -156,6 +210,8 @@ def _tp_worker(rank, world_size):
     # TP=2 in two groups {0,1} and {2,3}: ranks 2 and 3 must use their group rank, not the global.
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     check_against_dense(37, 40, pairs[rank // 2])
+    check_banned_tokens(37, 40, dist.group.WORLD)
+    check_banned_tokens(37, 40, pairs[rank // 2])
 
 
 def test_tp2_and_tp4_match_dense():

@@ -162,9 +162,10 @@ def test_dumped_response_ids_are_the_scored_tokens_of_a_conversation(tmp_path):
 
 def test_scores_and_dumped_ids_match_transformers(scored):
     """A human and a model row of the TP=1 and TP=3 runs against transformers' own forward, with
-    log_softmax by hand: avg_logp = mean log p(y), avg_entropy = mean H, avg_phi = mean(log p(y) + H)
-    (DESIGN.md). The dumped prompt_ids are the chat template of the user turn with the generation
-    prompt, straight from the tokenizer, and response_ids the response's tokens and EOS."""
+    log_softmax by hand: avg_logp = mean log p(y), avg_entropy = mean H, avg_phi = mean(log p(y) + H),
+    z = sum phi / sqrt(sum Var_p[log p]) and the fraction of phi above each threshold (DESIGN.md).
+    The dumped prompt_ids are the chat template of the user turn with the generation prompt,
+    straight from the tokenizer, and response_ids the response's tokens and EOS."""
     rows, out, _ = scored
     folder = resolve_model_path("smollm2-135m")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -184,9 +185,19 @@ def test_scores_and_dumped_ids_match_transformers(scored):
             logp = model(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1)
         logp_y = logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
         entropy = -(logp.exp() * logp).sum(-1)
+        phi = logp_y + entropy
+        var = (logp.exp() * logp.square()).sum(-1) - entropy.square()  # Var_p[log p], DESIGN.md
         for tp in (1, 3):
             res = out[tp][i]
             assert res["num_tokens"] == len(logp_y)
             assert res["avg_logp"] == pytest.approx(float(logp_y.mean()), abs=1e-4), (tp, i)
             assert res["avg_entropy"] == pytest.approx(float(entropy.mean()), abs=1e-4), (tp, i)
-            assert res["avg_phi"] == pytest.approx(float((logp_y + entropy).mean()), abs=1e-4), (tp, i)
+            assert res["avg_phi"] == pytest.approx(float(phi.mean()), abs=1e-4), (tp, i)
+            assert res["z"] == pytest.approx(float(phi.sum() / var.sum().sqrt()), rel=1e-4, abs=1e-4), (tp, i)
+            for key in [k for k in res if k.startswith("frac_phi_gt_")]:
+                t = float(key.removeprefix("frac_phi_gt_"))
+                # a phi within the tolerance of the threshold may fall on either side
+                low, high = (float((phi > t + d).double().mean()) for d in (1e-3, -1e-3))
+                assert low - 1e-9 <= res[key] <= high + 1e-9, (tp, i, key, res[key], low, high)
+        assert {k for k in out[1][i] if k.startswith("frac_phi_gt_")} == {"frac_phi_gt_-1", "frac_phi_gt_-3",
+                                                                          "frac_phi_gt_-5"}

@@ -1,9 +1,13 @@
 """The TP model against transformers' own models, and the HF export round trip."""
+import copy
+import json
+import shutil
+
 import pytest
 import torch
 import torch.distributed as dist
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from megatron_onpolicy.model.hf_io import gather_hf_tensors, write_hf_extras
 from megatron_onpolicy.model.loader import load_model
@@ -32,6 +36,12 @@ def tiny_config(kind: str):
         return transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
     if kind == "mistral-window":
         return transformers.MistralConfig(**common, sliding_window=5)
+    if kind == "llama-mlp-bias":  # gate and up biases: one fused gate_up bias, split over TP
+        return transformers.LlamaConfig(**common, mlp_bias=True, attention_bias=True)
+    if kind == "qwen3-bias":
+        return transformers.Qwen3Config(**common, head_dim=16, attention_bias=True)
+    if kind == "qwen2-window":  # layer_types: layer 0 full, layer 1 a window of 5 (the inputs are longer)
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     raise ValueError(kind)
 
 
@@ -63,7 +73,8 @@ def _tp_logits_worker(rank, world, folders, ids):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    kinds = ["llama-tied", "llama3-rope", "llama-yarn", "qwen2", "qwen3", "mistral-window"]
+    kinds = ["llama-tied", "llama3-rope", "llama-yarn", "qwen2", "qwen3", "mistral-window", "llama-mlp-bias",
+             "qwen3-bias", "qwen2-window"]
     root = tmp_path_factory.mktemp("hf")
     return {k: (root / k, make_hf_model(k, root / k)) for k in kinds}
 
@@ -76,6 +87,15 @@ def test_tp_logits_match_transformers(hf_models):
     for kind, (_, hf) in hf_models.items():
         with torch.no_grad():
             ref[kind] = hf(ids).logits
+    # qwen2-window's second layer slides in transformers: without it the logits differ (not a vacuous case)
+    hf = hf_models["qwen2-window"][1]
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"], hf.config.layer_types
+    config = copy.deepcopy(hf.config)
+    config.layer_types = ["full_attention"] * 2
+    full = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    full.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (full(ids).logits - ref["qwen2-window"]).abs().max() > 1e-2
     for tp in (1, 2, 4):
         got = _tp_logits_worker(0, 1, folders, ids) if tp == 1 else run_distributed(
             _tp_logits_worker, tp, folders, ids)
@@ -95,18 +115,24 @@ def _export_worker(rank, world, folder, out, ids):
     return sharded_logits(model, ids)
 
 
-@pytest.mark.parametrize("kind", ["llama-tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama-tied", "qwen2", "llama-mlp-bias"])
 def test_export_round_trip(hf_models, tmp_path, kind):
-    folder, _ = hf_models[kind]
+    """The source's config.json says bfloat16 over fp32 weights (as a checkpoint saved in fp32 from
+    a bf16 config can): the export of the fp32 model must say float32, or transformers, which loads
+    in the config's dtype, would round the exported weights to bf16."""
+    source, folder = hf_models[kind][0], tmp_path / "source"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     ids = torch.randint(0, VOCAB, (2, 9))
     ours = run_distributed(_export_worker, 2, folder, tmp_path / "export", ids)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["dtype"] == "float32"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours, rtol=1e-4, atol=1e-5)
-    original = transformers.AutoModelForCausalLM.from_pretrained(folder)
     exported = back.state_dict()
-    for name, tensor in original.state_dict().items():
-        assert torch.equal(exported[name], tensor), name
+    for name, tensor in load_file(source / "model.safetensors").items():  # the fp32 weights as written
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor), name
 
 
 def test_checkpoints_that_disagree_with_their_config_are_errors(hf_models, tmp_path):
@@ -115,10 +141,6 @@ def test_checkpoints_that_disagree_with_their_config_are_errors(hf_models, tmp_p
     larger than config.json says (a slice of it would fit the shard). A tied model's own
     lm_head.weight is ignored where it is a copy of the embedding, as transformers ignores it, and
     an error where it differs (transformers then unties the model)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     from megatron_onpolicy.model.hf_io import load_hf_weights
     from megatron_onpolicy.model.loader import load_arch
     from megatron_onpolicy.model.llama import TransformerLM
@@ -156,8 +178,6 @@ def test_checkpoints_that_disagree_with_their_config_are_errors(hf_models, tmp_p
     ("qwen3", "mlp_bias", True),
 ])
 def test_config_keys_a_family_does_not_read_change_nothing(tmp_path, kind, key, value):
-    import json
-
     config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
               "qwen3": transformers.Qwen3Config}[kind](
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -229,3 +249,74 @@ def test_gather_from_tp_backward_keeps_the_group_ranks_slice():
     assert [r for r, _, _ in results] == [0, 1, 2, 3]
     for rank, grad, expected in results:
         torch.testing.assert_close(grad, expected, rtol=0, atol=0, msg=lambda m: f"rank {rank}: {m}")
+
+
+def _embedding_worker(rank, world):
+    """Every id of the vocabulary, so every shard's first and last row (the ids next to a boundary),
+    through VocabParallelEmbedding at TP 4 over the world and TP 2 in groups {0, 1} and {2, 3}."""
+    import torch.nn.functional as F
+
+    from megatron_onpolicy.parallel.layers import VocabParallelEmbedding
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes every group
+    for tp, group in ((4, dist.group.WORLD), (2, pairs[rank // 2])):
+        g = torch.Generator().manual_seed(tp)  # the same full matrix and upstream gradient on every rank
+        full = torch.randn(VOCAB, 8, generator=g, dtype=torch.float64)
+        ids = torch.cat([torch.arange(VOCAB), torch.randint(0, VOCAB, (40,), generator=g)]).view(3, -1)
+        upstream = torch.randn(*ids.shape, 8, generator=g, dtype=torch.float64)
+        emb = VocabParallelEmbedding(VOCAB, 8, group, dtype=torch.float64)
+        start = dist.get_rank(group) * emb.shard
+        # this rank's rows of a [VOCAB, 8] matrix, the padded rows past VOCAB zero
+        own_rows = lambda t: F.pad(t, (0, 0, 0, emb.shard * tp - VOCAB))[start:start + emb.shard]
+        with torch.no_grad():
+            emb.weight.copy_(own_rows(full))
+        out = emb(ids)
+        out.backward(upstream)
+        dense = full.clone().requires_grad_()
+        F.embedding(ids, dense).backward(upstream)  # the dense weight gradient, repeated ids summed
+        what = f"TP={tp} rank {dist.get_rank(group)}"
+        torch.testing.assert_close(out, F.embedding(ids, full), rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(emb.weight.grad, own_rows(dense.grad), rtol=0, atol=1e-12,
+                                   msg=lambda m: f"{what} grad: {m}")
+
+
+def test_vocab_parallel_embedding_at_every_shard_boundary():
+    """VOCAB 101 pads to 51 rows a rank at TP 2 and 26 at TP 4: the output against F.embedding on
+    the full matrix, each rank's weight gradient against dense autograd's rows of its shard."""
+    run_distributed(_embedding_worker, 4)
+
+
+def _rng_worker(rank, world):
+    """TP 2 x DP 2: the draws of the default generator and of the tracker's model-parallel stream."""
+    import deepspeed
+
+    from megatron_onpolicy.parallel import state
+    from megatron_onpolicy.parallel.random import seed_model_parallel
+
+    deepspeed.init_distributed("gloo", verbose=False)  # over the gloo group run_distributed made
+    state.initialize_model_parallel(tp=2)
+    seed_model_parallel(1234)
+    default = torch.rand(6)
+    with deepspeed.checkpointing.get_cuda_rng_tracker().fork():
+        tp_stream = torch.rand(6)
+    after = torch.rand(6)  # the fork leaves the default stream where it was
+    out = [None] * world
+    dist.all_gather_object(out, (state.get_tensor_model_parallel_rank(), state.get_data_parallel_rank(),
+                                 default, tp_stream, after))
+    return out
+
+
+def test_model_parallel_rng_streams():
+    """Megatron's semantics (parallel/random.py): the default generator draws alike on every rank,
+    the tracker's stream alike across DP and differently across TP ranks; written out here as
+    Megatron seeds them (seed, and seed + 2718 + TP rank)."""
+    results = run_distributed(_rng_worker, 4)
+    assert sorted((tp, dp) for tp, dp, *_ in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    g = torch.Generator().manual_seed(1234)
+    default, after = torch.rand(6, generator=g), torch.rand(6, generator=g)
+    tracker = {tp: draws[1] for tp, dp, *draws in results}
+    assert not torch.equal(tracker[0], tracker[1])  # the TP ranks draw different dropout masks
+    for tp, dp, *draws in results:
+        expected = (default, torch.rand(6, generator=torch.Generator().manual_seed(1234 + 2718 + tp)), after)
+        for name, got, want in zip(("default", "tracker", "after the fork"), draws, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"TP {tp} DP {dp} {name}: {m}")

@@ -29,10 +29,12 @@ EPS = 1e4  # above every |g|: the update lr * g / (|g| + eps) is lr / eps * g
 DECAY = 1e-2  # lr * weight decay: AdamW multiplies each decayed weight by 1 - DECAY
 IDFT = {"beta": 2.0, "gamma_min": 0.5, "gamma_max": 1.5}
 # name: (processes, T, P, micro-batch, loss, fused, model, ZeRO stage); global batch ROWS,
-# DP = processes / (T * P). Models: a Llama with a tied or an untied head, a Qwen3 (tied), whose
-# q / k norms each TP rank applies to its own heads; a 3-layer tied Llama, one layer a stage at
-# P = 3, whose middle stage reads no data and holds neither end of the tied embedding. At stage 0
-# and DP = 1 DeepSpeed's gradient all-reduce is skipped (train/engine.py); at DP = 2 it must not be.
+# DP = processes / (T * P). At T = 2 each of the four heads (tied or not, fused or not) runs, each
+# of which must sum the hidden state's gradient over TP (train/model.py's copy_to_tp). Models: a
+# Llama with a tied or an untied head, a Qwen3 (tied), whose q / k norms each TP rank applies to
+# its own heads; a 3-layer tied Llama, one layer a stage at P = 3, whose middle stage reads no
+# data and holds neither end of the tied embedding. At stage 0 and DP = 1 DeepSpeed's gradient
+# all-reduce is skipped (train/engine.py); at DP = 2 it must not be.
 RUNS = {
     "ce-1-fused": (0, 1, 1, 4, "ce", True, "tied", 1),
     "idft-gas4-fused-zero0": (0, 1, 1, 1, "idft", True, "tied", 0),
@@ -42,7 +44,8 @@ RUNS = {
     "idft-pp2-fused-untied-zero0": (2, 1, 2, 2, "idft", True, "untied", 0),
     "eaft-dp2-gas2-unfused": (2, 1, 1, 1, "eaft", False, "tied", 1),
     "dft-dp2-fused-zero0": (2, 1, 1, 2, "dft", True, "tied", 0),
-    "ce-tp2-fused-qwen3": (2, 2, 1, 4, "ce", True, "qwen3", 1),
+    "idft-tp2-fused-untied": (2, 2, 1, 4, "idft", True, "untied", 1),
+    "ce-tp2-unfused-qwen3": (2, 2, 1, 4, "ce", False, "qwen3", 1),
     "dft-pp3-gas4-fused": (3, 1, 3, 1, "dft", True, "tied3", 1),
 }
 
@@ -195,7 +198,7 @@ def test_fused_and_unfused_runs_train_alike(steps):
     """Runs of the same objective and model, one fused and one not (in different layouts): the
     same reported losses and the same updated weights."""
     pairs = [("idft-pp2-fused-untied-zero0", "idft-tp2-unfused-untied"), ("eaft-tp2-fused", "eaft-dp2-gas2-unfused"),
-             ("dft-dp2-fused-zero0", "dft-gas2-unfused")]
+             ("dft-dp2-fused-zero0", "dft-gas2-unfused"), ("idft-tp2-fused-untied", "idft-tp2-unfused-untied")]
     for fused, unfused in pairs:
         (a, ma, *_), (b, mb, *_) = steps(fused), steps(unfused)
         for key in ("loss", "loss_ce", "loss_dft", "loss_idft", "loss_eaft", "phi_mean", "loss_tokens"):
