@@ -13,6 +13,7 @@ import transformers
 from megatron_onpolicy.data import (DataError, Sample, collate, collate_packed, fit_length, pack, read_rows,
                                     shard_indices, tokenize_row)
 from megatron_onpolicy.data.blend import choose, parse_blend, permutation
+from megatron_onpolicy.data.packing import FirstFit
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is \\boxed{5}."},
@@ -205,12 +206,27 @@ def test_pack_first_fit_and_boundaries():
         pack(samples, seq_length=6)
 
 
+def test_first_fit_window_closes_the_oldest_pack():
+    """By hand, seq 8, window 2, lengths 5 5 5 2 2: packs {0} {1} open; 2 opens a third, so {0}
+    (the oldest) closes; 3 fits in {1} (room 3), 4 no longer in {1} (room 1), so in {2}."""
+    fit = FirstFit(8, window=2)
+    closed = [fit.add(i, n) for i, n in enumerate([5, 5, 5, 2, 2])]
+    assert closed == [[], [], [[0]], [], []]
+    assert fit.finish() == [[1, 3], [2, 4]]
+
+
 def test_fit_length_truncate_and_drop():
     s = sample(0, 10, 6)
     assert fit_length(s, 10, "drop") is s and fit_length(s, 12, "truncate") is s
     cut = fit_length(s, 8, "truncate")
     assert cut.input_ids == s.input_ids[:8] and cut.loss_mask == [0] * 6 + [1, 1] and cut.prompt_len == 6
     assert fit_length(s, 6, "truncate") is None  # no target left
+    # The only target left is the last token kept (index 6 of 7): still a sample, of one target.
+    one = fit_length(s, 7, "truncate")
+    assert one.input_ids == s.input_ids[:7] and one.loss_mask == [0] * 6 + [1]
+    gap = Sample(list(range(9)), [0, 0, 0, 0, 0, 1, 0, 1, 1], 5, 0)  # a hand-written mask with a hole
+    assert fit_length(gap, 6, "truncate").loss_mask == [0] * 5 + [1]
+    assert fit_length(gap, 5, "truncate") is None
     assert fit_length(s, 9, "drop") is None
     with pytest.raises(ValueError):
         fit_length(s, 8, "cut")

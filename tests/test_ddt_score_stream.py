@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_onpolicy.data import DataError, Row, RowStream, read_rows
+from megatron_onpolicy.data.stream import share_windows
 from megatron_onpolicy.ddt.score import row_keys
+from tests.dist_utils import run_distributed
 from tests.test_realign import tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +127,21 @@ def test_reader_parses_only_the_rows_asked_for(data, fmt):
         assert got[0].source.endswith(f"d.{fmt}:row 2")
 
 
+@pytest.mark.timeout(30)  # a reader that never moves past a batch's end loops forever
+def test_parquet_reader_at_batch_boundaries(tmp_path, monkeypatch):
+    """Batches of 4 rows: row 4 starts the second batch, rows 8 and 9 the third."""
+    from megatron_onpolicy.data import rows as rows_module
+    monkeypatch.setattr(rows_module, "PARQUET_BATCH", 4)
+    written = [{"a": i, "s": f"r{i}"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(written), tmp_path / "x.parquet", row_group_size=3)
+    reader = RowStream(tmp_path / "x.parquet").reader()
+    assert [r.data for r in reader.read([4])] == [written[4]]
+    assert [r.data for r in reader.read([8, 9])] == written[8:]
+    assert [r.data for r in RowStream(tmp_path / "x.parquet").reader().read(range(10))] == written
+    assert [r.data for r in RowStream(tmp_path / "x.parquet").reader().read([3, 4, 7, 8])] == \
+        [written[i] for i in (3, 4, 7, 8)]
+
+
 def test_jsonl_reader_skips_bad_lines_it_does_not_read(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"a": 0}\nnot json\n\n{"a": 2}\n')
     stream = RowStream(tmp_path / "x.jsonl")
@@ -144,3 +161,37 @@ def test_keep_keys_never_clobbers_a_field():
     assert kept_fields(row, [], scores) == {}
     with pytest.raises(DataError, match="f.jsonl:3: field 'id' .* missing"):
         kept_fields(row, ["id"], scores)
+
+
+def _share_worker(rank, world_size, path, bad):
+    """Each rank's yielded indices per window (0 and 2), then what a DataError in `prepare` on rank 1
+    only does: every rank's outcome, gathered to rank 0."""
+    import torch.distributed as dist
+    stream = RowStream(path)
+    got = {w: [list(items) for items in share_windows(stream, rank, world_size, w, set(), lambda i, row: i, "cpu")]
+           for w in (0, 2)}
+
+    def prepare(i, row):
+        if rank == 1 and i == bad:
+            raise DataError(f"{row.source}: planted")
+        return i
+    try:
+        outcome = list(share_windows(stream, rank, world_size, 2, set(), prepare, "cpu"))
+    except DataError as e:
+        outcome = str(e)
+    everything = [None] * world_size
+    dist.all_gather_object(everything, (got, outcome))
+    return everything
+
+
+def test_share_windows_cover_every_row_once_and_any_rank_error_stops_all(tmp_path):
+    # 5 rows on 2 ranks: rank 0's share (0, 2, 4) is longer than rank 1's (1, 3); a share length rounded
+    # down would leave row 4 unread.
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"a": i}) + "\n" for i in range(5)))
+    everything = run_distributed(_share_worker, 2, tmp_path / "x.jsonl", 3)
+    for window, windows in ((0, 1), (2, 2)):
+        per_rank = [got[window] for got, _ in everything]
+        assert [len(w) for w in per_rank] == [windows, windows]  # same window count on every rank (collectives)
+        assert sorted(i for w in per_rank for items in w for i in items) == list(range(5)), (window, per_rank)
+    # Row 3 (JSONL line 4) is bad on rank 1 only: both ranks raise its message, not only rank 1.
+    assert [outcome for _, outcome in everything] == [f"{tmp_path / 'x.jsonl'}:4: planted"] * 2

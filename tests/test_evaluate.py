@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from megatron_onpolicy.generate.answers import answers_match, final_answer, normalize
+from megatron_onpolicy.model.hub import resolve_model_path
 from tests.dist_utils import free_port
 from tests.test_realign import kill_a_rank, tiny_model  # noqa: F401 (a fixture)
 
@@ -16,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
 DEEPSPEED, TORCHRUN = (str(Path(sys.executable).parent / name) for name in ("deepspeed", "torchrun"))
 sys.path.insert(0, str(ROOT / "tools"))
-from evaluate import parse_args, pass_at_k  # noqa: E402
+from evaluate import parse_args, pass_at_k, summarize_eval  # noqa: E402
 
 GRADING = [  # (solution text, reference answer, graded correct)
     ("so \\boxed{\\frac{1}{2}} done", "0.5", True),          # nested braces, fraction == decimal
@@ -58,6 +61,10 @@ GRADING = [  # (solution text, reference answer, graded correct)
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}", True),
     ("the box is cut \\boxed{12", "12", True),                # unclosed box: the last number
     ("no number at all", "0", False),
+    ("so 1/0 it is", "2", False),                             # a zero denominator: no value, and no crash
+    ("\\boxed{3/0}", "3/0", True),                          # ... so compared as text
+    ("\\boxed{\\frac{1}{0}}", "\\frac{1}{0}", True),
+    ("\\boxed{\\frac{1}{0}}", "1", False),
 ]
 
 
@@ -79,6 +86,20 @@ def test_pass_at_k_is_the_mean_over_all_k_subsets(n, c, k):
     outcomes = [True] * c + [False] * (n - c)
     subsets = list(itertools.combinations(outcomes, k))
     assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+
+
+def test_summary_has_pass_at_the_sample_count():
+    """3 samples a row, so pass@3 besides pass@1 and pass@2; by hand: pass@3 is the share of rows with
+    any correct sample (2 of 3), pass@1 the mean share correct ((1/3 + 0 + 2/3) / 3), pass@2 row by row
+    1 - C(wrong, 2) / C(3, 2): (1 - 1/3, 0, 1)."""
+    ddt = {"num_tokens": 4, "sum_phi": -1.0, "avg_phi": -0.25, "z": 0.5, "avg_logp": -1.0, "avg_entropy": 0.75}
+    rows = [{"correct": c, "num_tokens": [4, 4, 4], "end_reasons": ["eos"] * 3, "ddt": [ddt] * 3}
+            for c in ([True, False, False], [False] * 3, [True, True, False])]
+    summary = summarize_eval(rows, 3)
+    assert summary["pass@3"] == pytest.approx(2 / 3)
+    assert summary["pass@1"] == pytest.approx(1 / 3) and summary["pass@2"] == pytest.approx(5 / 9)
+    assert (summary["rows"], summary["samples"], summary["mean_num_tokens"]) == (3, 3, 4)
+    assert "pass@4" not in summary
 
 
 def read_jsonl(path):
@@ -109,6 +130,23 @@ def test_tp3_equals_tp1_greedy_on_smollm2(tmp_path):
     summary = json.loads((tmp_path / "tp1.summary.json").read_text())
     assert summary["pass@1"] == sum(r["correct"][0] for r in tp1) / 2
     assert summary["ddt"]["rows"] == 2 and sum(summary["end_reasons"].values()) == 2
+    # Against transformers: its greedy generate on its own chat template's prompt gives the tokens;
+    # the text is all of them but an EOS the completion ended on (a cut by length keeps its last token).
+    folder = resolve_model_path("smollm2-135m")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for got, row in zip(tp1, rows):
+        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        prompt = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        new = out[0, prompt.shape[1]:].tolist()
+        ended = new[-1] == tok.eos_token_id
+        assert got["completions"] == [tok.decode(new[:-1] if ended else new)]
+        assert got["num_tokens"] == [len(new)] and got["end_reasons"][0] == ("eos" if ended else "max-length")
+    assert "max-length" in [r["end_reasons"][0] for r in tp1]  # the case whose last token was once dropped
 
 
 def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path):  # noqa: F811

@@ -297,6 +297,8 @@ def test_analysis_stage_stops_at_marker(llama):
 def test_repetition_guard(tmp_path):
     assert is_repeating([5, 1, 2, 1, 2, 1, 2], window=2, count=3)
     assert not is_repeating([5, 1, 2, 1, 2, 1], window=2, count=3)
+    # One token repeated: the 30-token window at 0, 1, 2, 3, 4 is the 5th occurrence at token 34.
+    assert first_stop([7] * 40, is_repeating) == 34
     # A tiny model with the default init loops under greedy decoding within a few tokens.
     save_tiny("qwen2", tmp_path / "m", 0.02)
     model, _ = load_model(str(tmp_path / "m"))
@@ -309,6 +311,19 @@ def test_repetition_guard(tmp_path):
     assert guarded.tokens == free.tokens[:expected]
 
 
+@pytest.mark.parametrize("config_eos, expected", [([2, 7, 9], (5, 2, 7, 9)), ([5, 9], (5, 9)), (9, (5, 9)),
+                                                  (None, (5,))])
+def test_stop_ids_are_the_tokenizers_eos_and_every_generation_config_eos(tmp_path, config_eos, expected):
+    """Chat models list several EOS ids in generation_config.json (a list or an int): each one stops."""
+    from megatron_onpolicy.generate import stop_token_ids
+
+    tokenizer = type("Tok", (), {"eos_token_id": 5})()
+    if config_eos is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": config_eos}))
+    assert stop_token_ids(tokenizer, tmp_path) == expected
+    assert stop_token_ids(tokenizer) == (5,)
+
+
 def first_stop(tokens, check):
     return next((n for n in range(1, len(tokens) + 1) if check(tokens[:n])), None)
 
@@ -319,11 +334,13 @@ def brute_force_repeating(tokens, window=30, count=5):
     return bool(blocks) and max(blocks.values()) >= count
 
 
-@pytest.mark.parametrize("period", [7, 31, 45, 80, 200])
-def test_repetition_guard_catches_any_period(period):
+# Periods 1 and 2 (the windows overlap all but one or two tokens) and no prefix (the loop from the first token).
+@pytest.mark.parametrize("period, prefix_len", [(1, 0), (1, 17), (2, 0), (2, 17), (7, 17), (31, 17), (45, 17),
+                                                (80, 17), (200, 17)])
+def test_repetition_guard_catches_any_period(period, prefix_len):
     g = torch.Generator().manual_seed(period)
     block = torch.randint(0, 49152, (period,), generator=g).tolist()
-    prefix = torch.randint(0, 49152, (17,), generator=g).tolist()
+    prefix = torch.randint(0, 49152, (prefix_len,), generator=g).tolist()
     tokens = prefix + block * (5 + 150 // period)
     stop = first_stop(tokens, is_repeating)
     # The first token at which any 30-token block has occurred 5 times: 30 + 4 periods into the loop.
@@ -400,6 +417,30 @@ def test_sample_draws_the_nucleus_distribution(monkeypatch, candidates):
     assert ((freq - q).abs() <= 5 * (q * (1 - q) / n).sqrt()).all(), (freq, q)
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(2.5, 0, 0.6), (1.0, 3, 0.8)])
+def test_sample_warps_in_transformers_order(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, as transformers' warpers chain them: the tokens drawn
+    are the set its warped logits keep, at their frequencies within 5 standard errors. The cases
+    tell the orders apart: top-p before the temperature keeps 2 tokens, not 3 (first case); top-p
+    before top-k keeps 3, not 2 (second: top-k renormalizes the nucleus's mass over 3 tokens)."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+    warped = logits.double()[None]
+    for warper in warpers + [TopPLogitsWarper(top_p)]:
+        warped = warper(torch.zeros(1, 1, dtype=torch.long), warped)
+    q = warped[0].softmax(-1)
+    keep = q > 0
+    assert keep.tolist() == [True] * (3 if top_k == 0 else 2) + [False] * (3 if top_k == 0 else 4)
+    n = 200_000
+    draws = sample(logits.expand(n, -1), temperature, top_p=top_p, top_k=top_k,
+                   generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert (freq[~keep] == 0).all(), freq
+    assert ((freq - q).abs() <= 5 * (q * (1 - q) / n).sqrt()).all(), (freq, q)
+
+
 def test_templates(tmp_path):
     for name in ("hint", "analysis"):
         text = load_template(None, name)
@@ -412,6 +453,29 @@ def test_templates(tmp_path):
         load_template(tmp_path / "missing.txt", "hint")
     out = render("Q: {question}\nA: {answer}\nEnd with \\boxed{}.", "what is {answer}?", "42")
     assert out == "Q: what is {answer}?\nA: 42\nEnd with \\boxed{}."
+
+
+def test_prompt_ids_are_transformers_chat_template_with_generation_prompt():
+    """Both streams' prompts end with the assistant header (the model answers, it does not continue
+    the user turn): the ids of transformers' own template text, rendered then tokenized."""
+    from megatron_onpolicy.generate.templates import hinted_prompt_ids, plain_prompt_ids
+    from megatron_onpolicy.model.hub import resolve_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    question, answer = "What is 7 times 6?", "7 x 6 = 42. \\boxed{42}"
+
+    def reference(content):
+        text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                       tokenize=False)
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        return tok(text, add_special_tokens=False).input_ids
+
+    template = load_template(None, "hint")
+    # neither text holds a placeholder, so two plain replaces do what the one-pass render does
+    hinted_text = template.replace("{question}", question).replace("{answer}", answer)
+    assert plain_prompt_ids(tok, question) == reference(question)
+    assert hinted_prompt_ids(tok, template, question, answer) == reference(hinted_text)
+    assert tok.decode(plain_prompt_ids(tok, question)).endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_smollm2_smoke():

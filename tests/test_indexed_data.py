@@ -98,6 +98,66 @@ def test_samples_cut_at_read_time_are_fit_lengths_of_the_rows(setup):
         assert part.items == len(kept) and part.truncated == len(cut), k
         assert [part.item(j) for j in range(part.items)] == kept, k
     assert any(fit_length(t, 58, "truncate") is None for t in truth)  # k 58 drops some rows too
+    # The edge, read off the masks: at k = row 0's prompt length its k tokens hold no target (dropped);
+    # at k + 1 the last of them is its one target (kept).
+    p = truth[0].prompt_len
+    for k in (p, p + 1):
+        part = Part("plain", ds, SimpleNamespace(seq_length=k, overlong="truncate"), False)
+        items = [part.item(j) for j in range(part.items)]
+        assert [t.index for t in items] == [i for i, t in enumerate(truth) if 1 in t.loss_mask[:k]], k
+        assert (items[0].index == 0) == (k == p + 1), k
+    assert items[0].loss_mask == [0] * p + [1] and items[0].input_ids == truth[0].input_ids[:p + 1]
+
+
+def test_preprocess_tool_drops_overlong_rows(setup, tmp_path, capsys):
+    """tools/preprocess_data.py --overlong drop (in process): the rows longer than --seq-length are
+    left out whole, counted from the rows' own tokenize_row lengths; the others are kept as they are."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    s, k = setup, 100
+    tool.main(tool.parse_args(["--input", str(s.train), "--output-prefix", str(tmp_path / "d"), "--model", str(s.model),
+                               "--seq-length", str(k), "--overlong", "drop"]))
+    truth = [tokenize_row(s.tok, r.data, r.source, i) for i, r in enumerate(read_rows(s.train))]
+    long = [i for i, t in enumerate(truth) if len(t.input_ids) > k]
+    assert 0 < len(long) < len(truth)
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert (meta["overlong"], meta["seq_length"], meta["dropped"], meta["truncated"]) == ("drop", k, len(long), 0)
+    ds = IndexedDataset(tmp_path / "d")
+    assert [ds.sample(j) for j in range(len(ds))] == [t for i, t in enumerate(truth) if i not in long]
+    assert f"32 rows -> {32 - len(long)} samples (0 truncated, {len(long)} dropped)" in capsys.readouterr().out
+
+
+def test_raw_file_cache_is_keyed_by_the_chat_template(setup, tmp_path, monkeypatch):
+    """The same vocabulary under another chat template tokenizes a raw file differently: it gets
+    a cache of its own, whose samples are tokenize_row's under that template."""
+    import torch.distributed as dist
+
+    from megatron_onpolicy.train.batches import cached
+    from tests.dist_utils import free_port
+    s = setup
+    monkeypatch.setenv("MEGATRON_ONPOLICY_DATA_CACHE", str(tmp_path / "cache"))
+    other = load_tokenizer(s.model)
+    other.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    other.save_pretrained(tmp_path / "other")
+    other = load_tokenizer(tmp_path / "other")  # as the run would load it
+    args = SimpleNamespace(prompt_key="prompt", response_key="response", seq_length=L, overlong="truncate", pack=False)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:  # cached() agrees on errors across ranks: a world of one
+        first = cached(s.train, s.tok, s.model, args)
+        second = cached(s.train, other, tmp_path / "other", args)
+    finally:
+        dist.destroy_process_group()
+    assert first != second and len(list((tmp_path / "cache").glob("*.idx"))) == 2
+    rows = read_rows(s.train)
+    for prefix, tok in ((first, s.tok), (second, other)):
+        ds = IndexedDataset(prefix)
+        assert [ds.sample(i) for i in range(len(ds))] == [tokenize_row(tok, r.data, r.source, i)
+                                                          for i, r in enumerate(rows)]
+    assert IndexedDataset(first).sample(0) != IndexedDataset(second).sample(0)  # the templates really differ
 
 
 def test_a_blend_weighted_3_to_1_draws_3_to_1(setup):
@@ -191,6 +251,24 @@ def test_blend_draws_follow_the_weights(setup):
     a_rows = [i for p, i in seen if p == "a"]
     assert [sorted(a_rows[k:k + 16]) for k in range(0, 144, 16)] == [list(range(16))] * 9
     assert a_rows[:16] != a_rows[16:32]
+
+
+def test_one_part_epochs_skip_the_short_tail():
+    """One part of 16 items, global batch 6: an epoch is two whole batches (12 items); iteration 3
+    starts epoch 1's permutation and items 12-15 of epoch 0's order are never drawn."""
+    from megatron_onpolicy.data.blend import permutation
+    args = SimpleNamespace(seed=5, pack=False, train_iters=4, epochs=None)
+    batches = TrainBatches([(1.0, SimpleNamespace(items=16, path="p"))], args, 1, 0, None, 1, 6)
+    orders = [permutation(16, 5, 0, epoch).tolist() for epoch in (0, 1)]  # the orders, not the batching
+    expected = [orders[0][:6], orders[0][6:12], orders[1][:6], orders[1][6:12]]
+    pos = batches.start()
+    for it, want in enumerate(expected, 1):
+        picks, pos = batches.draws(pos)
+        assert picks == [(0, j) for j in want], it
+        assert pos.drawn == [6 * it]
+        # after 6 * it items, of which 12 an epoch: the position counts whole-batch epochs too
+        assert batches.where(pos) == {"epoch": it // 2, "epoch_position": 6 * (it % 2)}, it
+    assert orders[0][12:] and not set(orders[0][12:]) & set(orders[0][:12])  # the tail skipped in epoch 0
 
 
 def test_validation_batches_are_read_when_validation_runs(setup, monkeypatch):
@@ -332,3 +410,7 @@ def test_parquet_and_datasets_folder_stream_to_the_same_bytes(setup, tmp_path, m
         for ext in ("bin", "idx"):
             assert (tmp_path / f"{name}.{ext}").read_bytes() == (tmp_path / f"jsonl.{ext}").read_bytes(), (name, ext)
     assert json.loads((tmp_path / "ds.json").read_text())["source"]["rows"] == 16
+    # Row numbers count on across chunks (16 rows in chunks of 5): sample i is row i's tokenize_row.
+    ds = IndexedDataset(tmp_path / "jsonl")
+    assert ds.rows.tolist() == list(range(16))
+    assert [ds.sample(i) for i in range(16)] == [tokenize_row(s.tok, row, "", i) for i, row in enumerate(rows)]

@@ -1,6 +1,7 @@
 """The trainer's flags from a --config YAML file: parsed as the same flags on the command line
 would be (types, choices), and overridden by the command line; the DeepSpeed config they fill in."""
 import json
+import re
 
 import pytest
 
@@ -74,11 +75,48 @@ def test_keep_last_needs_somewhere_to_save(capsys):
     ({"optimizer": {"type": "Adam"}}, 1, 1, "remove the 'optimizer' section"),
     ({"train_micro_batch_size_per_gpu": 4}, 1, 1, "train_micro_batch_size_per_gpu is 4 but --micro-batch-size gives 2"),
     ({}, 3, 1, "global batch size 8 is not divisible by micro-batch size 2 x data-parallel size 3"),
+    # 8 / (2 x 1) = 4 steps, not the JSON's 3
+    ({"gradient_accumulation_steps": 3}, 1, 1,
+     "gradient_accumulation_steps is 3 but --global-batch-size / (micro-batch x DP) gives 4"),
+    # no bf16, stage 0, the default clip 1.0, two stages
+    ({"zero_optimization": {"stage": 0}}, 1, 2, "fp32 with ZeRO stage 0 clips wrongly under pipeline parallelism"),
 ])
 def test_deepspeed_configs_it_cannot_run_are_errors(tmp_path, config, dp, pp, error):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     args = parse_args(["--train-data", "a.jsonl", "--micro-batch-size", "2", "--global-batch-size", "8",
                        "--deepspeed_config", str(path), "--train-iters", "1"])
-    with pytest.raises(TrainConfigError, match=error.replace("(", r"\(")):
+    with pytest.raises(TrainConfigError, match=re.escape(error)):
         build_ds_config(args, dp, pp)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--train-iters", "0"], "--train-iters must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--train-iters", "1", "--eval-interval", "5"], "--eval-interval needs --valid-data"),
+])
+def test_flags_it_cannot_run_are_errors(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-data", "a.jsonl", "--deepspeed_config", "x.json", *argv])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"pretrain_idft: error: {error}"
+
+
+def build(tmp_path, config, *argv, dp=1, pp=1):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return build_ds_config(parse_args(["--train-data", "a.jsonl", "--deepspeed_config", str(path), "--train-iters", "1",
+                                       *argv]), dp, pp)
+
+
+def test_the_built_deepspeed_config(tmp_path):
+    # No global batch anywhere: micro x DP = 2 x 3, one micro-batch a step; the clip defaults to 1.0.
+    cfg = build(tmp_path, {}, "--micro-batch-size", "2", dp=3)
+    assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"], cfg["gradient_clipping"]) == (6, 1, 1.0)
+    # --bf16 turns bf16 on where the JSON leaves it open, and refuses a JSON that turns it off.
+    for config in ({}, {"bf16": {"enabled": "auto"}}):
+        assert build(tmp_path, config, "--micro-batch-size", "2", "--bf16")["bf16"]["enabled"] is True
+    assert "bf16" not in build(tmp_path, {}, "--micro-batch-size", "2")
+    with pytest.raises(TrainConfigError, match="bf16.enabled is false but --bf16 was given"):
+        build(tmp_path, {"bf16": {"enabled": False}}, "--micro-batch-size", "2", "--bf16")
+    # fp32 ZeRO-0 under PP is fine without clipping.
+    assert build(tmp_path, {}, "--micro-batch-size", "2", "--clip-grad", "0", pp=2)["gradient_clipping"] == 0
