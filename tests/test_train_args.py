@@ -69,6 +69,13 @@ def test_keep_last_needs_somewhere_to_save(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pretrain_idft: error: --keep-last needs --save"
 
 
+def build(tmp_path, config, *argv, dp=1, pp=1):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return build_ds_config(parse_args(["--train-data", "a.jsonl", "--deepspeed_config", str(path), "--train-iters", "1",
+                                       *argv]), dp, pp)
+
+
 @pytest.mark.parametrize("config, dp, pp, error", [
     ({"zero_optimization": {"stage": 3}}, 2, 1, "ZeRO stage 3 is not supported (stages 0 to 2;"),
     ({"zero_optimization": {"stage": 2}}, 1, 2, "ZeRO stage 2 does not work with pipeline parallelism"),
@@ -82,12 +89,8 @@ def test_keep_last_needs_somewhere_to_save(capsys):
     ({"zero_optimization": {"stage": 0}}, 1, 2, "fp32 with ZeRO stage 0 clips wrongly under pipeline parallelism"),
 ])
 def test_deepspeed_configs_it_cannot_run_are_errors(tmp_path, config, dp, pp, error):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
-    args = parse_args(["--train-data", "a.jsonl", "--micro-batch-size", "2", "--global-batch-size", "8",
-                       "--deepspeed_config", str(path), "--train-iters", "1"])
     with pytest.raises(TrainConfigError, match=re.escape(error)):
-        build_ds_config(args, dp, pp)
+        build(tmp_path, config, "--micro-batch-size", "2", "--global-batch-size", "8", dp=dp, pp=pp)
 
 
 @pytest.mark.parametrize("argv, error", [
@@ -99,13 +102,6 @@ def test_flags_it_cannot_run_are_errors(argv, error, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "a.jsonl", "--deepspeed_config", "x.json", *argv])
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"pretrain_idft: error: {error}"
-
-
-def build(tmp_path, config, *argv, dp=1, pp=1):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
-    return build_ds_config(parse_args(["--train-data", "a.jsonl", "--deepspeed_config", str(path), "--train-iters", "1",
-                                       *argv]), dp, pp)
 
 
 def test_the_built_deepspeed_config(tmp_path):
