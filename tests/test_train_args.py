@@ -1,11 +1,14 @@
 """The trainer's flags from a --config YAML file: parsed as the same flags on the command line
-would be (types, choices), and overridden by the command line; the DeepSpeed config they fill in."""
+would be (types, choices), and overridden by the command line; the DeepSpeed config they fill in;
+the settings a resumed run must keep."""
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from megatron_onpolicy.train.args import TrainConfigError, parse_args
+from megatron_onpolicy.train.checkpoint import check_settings, run_settings
 from megatron_onpolicy.train.ds_config import build_ds_config
 
 REQUIRED = ["--train-iters", "1", "--deepspeed_config", "x.json"]
@@ -116,3 +119,60 @@ def test_the_built_deepspeed_config(tmp_path):
         build(tmp_path, {"bf16": {"enabled": False}}, "--micro-batch-size", "2", "--bf16")
     # fp32 ZeRO-0 under PP is fine without clipping.
     assert build(tmp_path, {}, "--micro-batch-size", "2", "--clip-grad", "0", pp=2)["gradient_clipping"] == 0
+
+
+STAGE1 = {"zero_optimization": {"stage": 1}}
+
+
+def run_settings_of(tmp_path, argv=(), config=STAGE1, layout=(1, 1, 2), items=((1.0, 100),)):
+    """The settings a checkpoint of this run records (train/loop.py builds them the same way)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = parse_args(["--train-data", "a.jsonl", "--deepspeed_config", str(path), "--micro-batch-size", "2",
+                       "--global-batch-size", "8", "--train-iters", "10", "--lr", "0.01", *argv])
+    parts = [(w, SimpleNamespace(items=n)) for w, n in items]
+    return run_settings(args, "smollm2-135m", layout, build_ds_config(args, layout[2], layout[1]), parts,
+                        args.train_iters)
+
+
+@pytest.mark.parametrize("change, refused", [
+    # DeepSpeed restores the optimizer, its schedule and the clipping from the checkpoint:
+    ({"argv": ["--lr", "0.02"]}, "lr 0.01 -> 0.02"),
+    ({"argv": ["--min-lr", "0.001"]}, "min_lr 0.0 -> 0.001"),
+    ({"argv": ["--lr-decay-style", "cosine"]}, "lr_decay_style linear -> cosine"),
+    ({"argv": ["--lr-warmup-iters", "2"]}, "lr_warmup_iters 0 -> 2"),
+    ({"argv": ["--train-iters", "20"]}, "lr_decay_iters 10 -> 20"),  # the decay runs over all iterations
+    ({"argv": ["--weight-decay", "0.1"]}, "weight_decay 0.0 -> 0.1"),
+    ({"argv": ["--adam-beta1", "0.8"]}, "adam_beta1 0.9 -> 0.8"),
+    ({"argv": ["--adam-beta2", "0.95"]}, "adam_beta2 0.999 -> 0.95"),
+    ({"argv": ["--adam-eps", "1e-6"]}, "adam_eps 1e-08 -> 1e-06"),
+    ({"argv": ["--clip-grad", "0.5"]}, "gradient_clipping 1.0 -> 0.5"),
+    ({"argv": ["--bf16"]}, "bf16 False -> True"),
+    ({"config": {**STAGE1, "fp16": {"enabled": True}}}, "fp16 False -> True"),
+    ({"config": {"zero_optimization": {"stage": 2}}}, "zero_stage 1 -> 2"),
+    # the data order: the global batch, the seed, the items drawn from and how
+    ({"argv": ["--global-batch-size", "16"]}, "global_batch_size 8 -> 16"),
+    ({"argv": ["--seed", "7"]}, "seed 1234 -> 7"),
+    ({"argv": ["--pack"]}, "pack False -> True"),
+    ({"argv": ["--seq-length", "1024"]}, "seq_length 2048 -> 1024"),
+    ({"items": ((1.0, 99),)}, "data [[1.0, 100]] -> [[1.0, 99]]"),
+    ({"items": ((0.5, 100), (0.5, 30))}, "data [[1.0, 100]] -> [[0.5, 100], [0.5, 30]]"),
+    # the layout DeepSpeed's files are cut for
+    ({"layout": (2, 1, 1)}, "tensor_model_parallel_size 1 -> 2"),
+    ({"layout": (1, 2, 1)}, "pipeline_model_parallel_size 1 -> 2"),
+])
+def test_a_resumed_run_must_keep_the_settings_its_checkpoint_would_override(tmp_path, change, refused):
+    saved = {"iteration": 3, **run_settings_of(tmp_path)}
+    with pytest.raises(TrainConfigError, match=re.escape(f"--load ck/iter_0000003 cannot continue exactly with "
+                                                         f"this run's settings: {refused}") + "$"):
+        check_settings(saved, run_settings_of(tmp_path, **change), "--load ck/iter_0000003")
+
+
+def test_a_resumed_run_may_change_its_data_parallel_size_and_what_the_checkpoint_does_not_restore(tmp_path):
+    """Elastic restarts change DP; the loss, its parameters and the intervals apply as given."""
+    saved = {"iteration": 3, **run_settings_of(tmp_path)}
+    for layout in ((1, 1, 1), (1, 1, 4)):
+        check_settings(saved, run_settings_of(tmp_path, layout=layout), "x")
+    check_settings(saved, run_settings_of(tmp_path, ["--loss", "ce", "--idft-beta", "2", "--save", "ck", "--save-interval", "5",
+                                                     "--micro-batch-size", "4", "--lr-decay-iters", "10",
+                                                     "--train-iters", "30"]), "x")

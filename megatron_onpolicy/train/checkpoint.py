@@ -80,15 +80,38 @@ def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
     return tag, json.loads(marker.read_text())
 
 
-def load(engine, folder, meta: dict) -> tuple[int, Position]:
-    """Restore the engine (weights, optimizer, lr schedule), RNG states; -> (iteration, position)."""
-    tag, saved = read_checkpoint(folder)
+def run_settings(args, model: str, layout: tuple[int, int, int], ds_config: dict, train_data, total: int) -> dict:
+    """What a checkpoint records of its run (complete.json) and a resumed run must repeat: the
+    layout, and all that sets the data order or that DeepSpeed restores. layout: (T, P, DP)."""
+    tp, pp, dp = layout
+    return {"model": model, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
+            "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack,
+            "seq_length": args.seq_length,
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
+            "fp16": bool(ds_config.get("fp16", {}).get("enabled")),
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            # DeepSpeed restores the saved optimizer, schedule and clipping whatever the flags say:
+            # a resumed run that changes them would train with a mix of both.
+            "gradient_clipping": ds_config["gradient_clipping"], "lr_decay_iters": args.lr_decay_iters or total,
+            **{k: getattr(args, k) for k in ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay",
+                                             "adam_beta1", "adam_beta2", "adam_eps")}}
+
+
+def check_settings(saved: dict, meta: dict, where: str) -> None:
+    """A TrainConfigError naming each setting of `meta` that differs from the checkpoint's (`saved`),
+    but the model (an alias or a path, which may move) and the DP size (an elastic restart)."""
     # (a key an older checkpoint lacks is not checked)
     changed = [f"{k} {saved[k]} -> {v}" for k, v in meta.items()
                if k in saved and saved[k] != v and k not in ("model", "data_parallel_size")]
     if changed:
-        raise TrainConfigError(f"--load {folder}/{tag} cannot continue exactly with this run's settings: "
-                               + ", ".join(changed))
+        raise TrainConfigError(f"{where} cannot continue exactly with this run's settings: " + ", ".join(changed))
+
+
+def load(engine, folder, meta: dict) -> tuple[int, Position]:
+    """Restore the engine (weights, optimizer, lr schedule), RNG states; -> (iteration, position)."""
+    tag, saved = read_checkpoint(folder)
+    check_settings(saved, meta, f"--load {folder}/{tag}")
     # Another DP size: ZeRO-1/2 states are re-cut here; ZeRO-0 fp32 holds whole states on every
     # rank (DeepSpeed loads them at any DP), DeepSpeed's bf16 optimizer partitions its own.
     elastic = saved["data_parallel_size"] != meta["data_parallel_size"] and engine.zero_optimization_stage() > 0

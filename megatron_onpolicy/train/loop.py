@@ -74,18 +74,7 @@ def train(args) -> None:
         load_hf_weights(pipe, folder, hf_names(pipe))
     optimizer = make_optimizer(pipe, args)
     engine = make_engine(pipe, ds_config, optimizer, make_scheduler(optimizer, args, total))
-    meta = {"model": model_name(args.model), "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-            "data_parallel_size": dp, "global_batch_size": ds_config["train_batch_size"],
-            "data": [[w, p.items] for w, p in train_data], "seed": args.seed, "pack": args.pack,
-            "seq_length": args.seq_length,
-            "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
-            "fp16": bool(ds_config.get("fp16", {}).get("enabled")),
-            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
-            # DeepSpeed restores the saved optimizer, schedule and clipping whatever the flags say:
-            # a resumed run that changes them would train with a mix of both.
-            "gradient_clipping": ds_config["gradient_clipping"], "lr_decay_iters": args.lr_decay_iters or total,
-            **{k: getattr(args, k) for k in ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay",
-                                             "adam_beta1", "adam_beta2", "adam_eps")}}
+    meta = checkpoint.run_settings(args, model_name(args.model), (tp, pp, dp), ds_config, train_data, total)
     start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, batches.start())
     if start >= total and dist.get_rank() == 0:
         print(f"nothing to train: {args.load} is at iteration {start} of --train-iters {total}", flush=True)
