@@ -8,6 +8,7 @@ CI sends 3 signals; PREEMPT_SIGNALS=10 sends 10 (the issue's count):
     PREEMPT_SIGNALS=10 python -m pytest -q tests/test_preempt.py"""
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -17,11 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_onpolicy.preempt import REQUEUE_EXIT
 from megatron_onpolicy.train.checkpoint import has_complete
 from tests.dist_utils import free_port
 from tests.train_utils import ENTRY, ROOT, launch, make_tiny_model, read_metrics
 
+# The status the sbatch scripts requeue on (the one the trainer must exit with), read from them.
+REQUEUE_EXIT = int(re.search(r"^REQUEUE_EXIT=(\d+)$", (ROOT / "launch" / "slurm" / "common.sh").read_text(),
+                             re.M).group(1))
 SIGNALS = int(os.environ.get("PREEMPT_SIGNALS", "3"))
 ITERS = 4 * SIGNALS + 4  # a signal costs at most 4 iterations (see below): some are left for the last run
 

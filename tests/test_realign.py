@@ -219,6 +219,30 @@ def test_rows_the_tools_would_mangle_are_errors(capsys):
     assert "--samples 4 needs --temperature > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, kept", [
+    ([], "abeh"),
+    (["--require-answer-match"], "aeh"),
+    (["--keep-unfinished"], "abdeh"),
+    (["--min-avg-phi", "-1"], "abh"),  # at the threshold is kept
+    (["--require-answer-match", "--keep-unfinished", "--min-avg-phi", "-1"], "adh"),
+])
+def test_the_filtered_file_keeps_what_the_flags_allow(flags, kept):
+    """realigned.filtered.jsonl (the file to train on) and summary.json's counts, row by row."""
+    realign = load_tool("realign_distributed")
+    args = realign.parse_args(["--data", "x", "--out-dir", "x", *flags])
+    row = lambda text, end, phi, match: {"realigned": text, "end_reason": end, "num_tokens": 3, "mean_lam": 0.5,
+                                         "avg_phi_original": -1.5, "avg_phi_realigned": phi, "answer_match": match}
+    rows = {"a": row("x = 2", "eos", 0.5, True), "b": row("x = 3", "eos", 0.5, False),
+            "d": row("x = 2, and", "max-length", 0.5, True), "e": row("x = 2", "eos", -2.0, True),
+            "g": row(" ", "eos", None, False), "h": row("x = 2", "eos", -1.0, True)}
+    assert "".join(name for name, r in rows.items() if realign.keep(r, args)) == kept
+    summary = realign.summarize(rows.values(), args)
+    assert (summary["rows"], summary["filtered_rows"], summary["end_reasons"]) == (6, len(kept),
+                                                                                 {"eos": 5, "max-length": 1})
+    assert summary["answer_match_rate"] == pytest.approx(4 / 6)
+    assert summary["mean_avg_phi_realigned"] == pytest.approx((0.5 + 0.5 + 0.5 - 2.0 - 1.0) / 5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
 @pytest.mark.parametrize("tool, required", [("realign_distributed", ["--out-dir", "x"]), ("evaluate", ["--out", "x"])])
 def test_cuda_graph_needs_a_cuda_device(tool, required, capsys):
