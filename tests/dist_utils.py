@@ -1,8 +1,10 @@
-"""Run a function on N CPU processes joined by gloo, and bring back what rank 0 returns."""
+"""Run a function on N CPU processes joined by gloo, and bring back what rank 0 returns; or this
+process alone as a world of one."""
 import io
 import os
 import socket
 import traceback
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -58,3 +60,14 @@ def run_distributed(fn, world_size, *args):
     if errors:
         raise AssertionError("\n".join(errors))
     return results[0]
+
+
+@contextmanager
+def one_process_group():
+    """This process alone as a gloo world, for code that calls collectives on the default group
+    (a barrier, a flag all-reduce) and is checked faster in-process than on spawned ranks."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

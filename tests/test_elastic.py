@@ -7,6 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
@@ -35,7 +36,12 @@ def continued(s, source, name, n, pp):
     dst.mkdir()
     shutil.copytree(s.tmp / source / "iter_0000002", dst / "iter_0000002")
     (dst / "latest").write_text("iter_0000002")
-    return run(s, n, name, pp)
+    metrics = run(s, n, name, pp)
+    # DeepSpeed's own step and sample counters, which it saves and restores on a resume at the same
+    # DP size, go on from the checkpoint's (an elastic load restores no engine state of its own).
+    saved = torch.load(dst / "iter_0000004" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert (saved["global_steps"], saved["global_samples"]) == (4, 4 * 6)
+    return metrics
 
 
 def check(full, resumed):

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_onpolicy import preempt
 from megatron_onpolicy.train.checkpoint import has_complete
-from tests.dist_utils import free_port
+from tests.dist_utils import free_port, one_process_group, run_distributed
 from tests.train_utils import ENTRY, ROOT, launch, make_tiny_model, read_metrics
 
 # The status the sbatch scripts requeue on (the one the trainer must exit with), read from them.
@@ -135,3 +136,23 @@ def test_time_limit_saves_and_exits_for_requeue(setup):
     assert wait_all(start(flags(setup, last) + ["--train-iters", 1, "--exit-duration-in-mins", 0,
                                                 "--export-hf", last / "hf"])) == [0, 0]
     assert (last / "hf" / "config.json").exists() and logged(last) == [1]
+
+
+def test_the_time_limit_counts_minutes_from_start_up(monkeypatch):
+    """--exit-duration-in-mins 0 (above) passes at once in any unit: 2 minutes are 120 s after
+    the job's clock started (preempt._STARTED), not 2 s nor 2 hours."""
+    stop = preempt.Stop((), 2)
+    with one_process_group():
+        for seconds, why in ((1.0, None), (119.0, None), (120.5, "time limit (--exit-duration-in-mins)")):
+            monkeypatch.setattr(time, "time", lambda: preempt._STARTED + seconds)
+            assert stop.agreed("cpu") == why, seconds
+
+
+def _padded(rank, world_size):
+    return preempt.in_lockstep([[f"row of rank {rank}"]] * (2 * rank + 1), "cpu")
+
+
+def test_a_rank_with_fewer_batches_reaches_every_stop_check():
+    """in_lockstep pads a rank's batches to the most any rank has (rank 1: 3, so rank 0's one and
+    two empty ones): otherwise rank 1's next Stop.agreed would wait for a rank that has ended."""
+    assert run_distributed(_padded, 2) == [["row of rank 0"], [], []]

@@ -5,14 +5,17 @@ like one process, a resumed run repeats the uninterrupted one, the HF export mat
 fails cleanly."""
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
 from safetensors.torch import load_file
 
 from megatron_onpolicy.data import collate, read_rows, tokenize_row
@@ -21,7 +24,8 @@ from megatron_onpolicy.parallel.state import first_host, slurm_env
 from megatron_onpolicy.train import checkpoint
 from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
-from megatron_onpolicy.train.optim import lr_at
+from megatron_onpolicy.train.metrics import MetricsLog
+from megatron_onpolicy.train.optim import lr_at, make_optimizer, make_scheduler
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 KINDS = ("ce", "dft", "idft")
@@ -102,6 +106,8 @@ def test_idft_lam_ramps_with_progress(setup):
     metrics = run(setup, 0, "idft-ramp", 1, 1, 4, 4, "--loss", "idft", "--lr", 0, "--train-iters", 4,
                   "--idft-warmup-ratio", 0.5, "--idft-transition-ratio", 0.5)
     assert [m["lam"] for m in metrics] == [0.0, 0.0, 0.0, 0.5]  # t = 0, 1/4, 2/4, 3/4
+    # No --save-interval: the last iteration is saved all the same.
+    assert (setup.tmp / "idft-ramp" / "latest").read_text() == "iter_0000004"
     for m in metrics[:3]:
         assert m["loss"] == pytest.approx(m["loss_dft"], rel=1e-6), m["iteration"]
     assert metrics[3]["loss"] != pytest.approx(metrics[3]["loss_dft"], rel=1e-3)
@@ -130,6 +136,8 @@ def test_resume_repeats_the_uninterrupted_run(setup, runs):
     (dst / ".partial-iter_0000004" / "complete.json").unlink()
     for f in (dst / ".partial-iter_0000004").glob("*.pt"):
         f.write_bytes(b"torn")
+    # and a file only a save at DP 4 writes, which this run's save would not overwrite
+    (dst / ".partial-iter_0000004" / "zero_pp_rank_3_mp_rank_00_optim_states.pt").write_bytes(b"torn")
     resumed = run(s, 4, "resumed", 2, 2, 2, 4, *TRAINED, s.valid, "--load", dst, runner="torchrun")
     full = runs[(2, 2, 1)]
     assert [m["iteration"] for m in resumed] == [1, 2, 3, 4]  # records after the checkpoint replaced
@@ -138,6 +146,7 @@ def test_resume_repeats_the_uninterrupted_run(setup, runs):
             assert a.get(key) == b.get(key), (a["iteration"], key)
     assert (dst / "latest").read_text() == "iter_0000004" and (dst / "iter_0000004" / "complete.json").is_file()
     assert sorted(p.name for p in dst.glob("*iter_*")) == ["iter_0000002", "iter_0000004"]
+    assert not (dst / "iter_0000004" / "zero_pp_rank_3_mp_rank_00_optim_states.pt").exists()
 
 
 def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
@@ -151,6 +160,85 @@ def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
             (tmp_path / name / checkpoint.MARKER).write_text("{}")
     checkpoint._prune(tmp_path, 1, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
+    checkpoint._prune(tmp_path, None, 11)  # no --keep-last: every complete checkpoint stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
+
+
+def rng_draws():
+    with get_cuda_rng_tracker().fork():  # the TP ranks' own stream
+        tracker = torch.rand(2).tolist()
+    return random.random(), np.random.rand(), torch.rand(2).tolist(), tracker
+
+
+def test_a_checkpoint_s_rng_states_restore_every_stream_a_run_draws_from():
+    """No test model has dropout, so a resumed run's losses would not show a stream left
+    unrestored: the state a checkpoint keeps must give back the same draws from each."""
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("model-parallel-rng", 1234)
+    try:
+        saved = checkpoint._rng_state()
+        first = rng_draws()
+        rng_draws()
+        checkpoint._set_rng_state(saved)
+        assert rng_draws() == first
+    finally:
+        tracker.reset()
+
+
+def test_metrics_log_replaces_what_a_resumed_run_repeats(tmp_path):
+    """MetricsLog as a run uses it, killed after iteration 3 (a torn line), then resumed from its
+    iteration-2 checkpoint: each record is on disk once logged; the records and TensorBoard
+    points after the checkpoint are replaced, not kept twice, those up to it kept; validation
+    scalars under valid/, and phi and gamma each in its own histogram."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def record(iteration, loss):
+        return {"iteration": iteration, "loss": loss, "lr": 1e-3, "tokens_per_s": 1.0,
+                **({"valid_loss": 0.5, "valid_phi_mean": -1.0} if iteration == 2 else {})}
+
+    tb, phi, gamma = tmp_path / "tb", torch.full((3,), -2.0), torch.full((3,), 0.25)
+    log = MetricsLog(tmp_path, tb, 4, 0)
+    for iteration in (1, 2, 3):
+        log.log(record(iteration, float(iteration)), phi, gamma)
+        assert read_metrics(tmp_path)[-1] == record(iteration, float(iteration))  # not in a buffer
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "lo')
+    log = MetricsLog(tmp_path, tb, 4, 2)
+    for iteration in (3, 4):
+        log.log(record(iteration, 10.0 * iteration), phi, gamma)
+    log.close()
+    assert read_metrics(tmp_path) == [record(1, 1.0), record(2, 2.0), record(3, 30.0), record(4, 40.0)]
+    events = EventAccumulator(str(tb), size_guidance={"histograms": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [(e.step, e.value) for e in events.Scalars("valid/valid_loss")] == [(2, 0.5)]
+    for tag, value in (("train/phi", -2.0), ("train/gamma", 0.25)):
+        assert {(h.histogram_value.min, h.histogram_value.max) for h in events.Histograms(tag)} == {(value, value)}
+
+
+def test_weight_decay_spares_norms_and_biases_and_the_schedule_sets_the_lr():
+    """make_optimizer's groups, on what one AdamW step applies (zero gradients: only the decoupled
+    decay moves a weight, by lr * weight_decay of itself), and make_scheduler's lr per step."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    args = SimpleNamespace(lr=1.0, min_lr=0.1, lr_warmup_iters=2, lr_decay_iters=None, lr_decay_style="linear",
+                           weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    optimizer = make_optimizer(module, args)
+    scheduler = make_scheduler(optimizer, args, 10)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in module.parameters()]
+    lrs = []
+    for step in range(11):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+        if step == 0:  # at lr 0.5, the warmup's first step, the matrix decays by 1 - 0.5 * 0.1
+            torch.testing.assert_close(module[0].weight, before[0] * 0.95)
+            assert all(torch.equal(p, b) for p, b in zip(list(module.parameters())[1:], before[1:]))
+    assert lrs[:3] == [[0.5, 0.5], [1.0, 1.0], [1.0, 1.0]] and lrs[10] == [0.1, 0.1]
+    assert lrs[6] == pytest.approx([0.55, 0.55])  # linear, half way from step 2 to 10
 
 
 def test_exit_interval_exports_only_the_final_model(setup):
@@ -163,6 +251,8 @@ def test_exit_interval_exports_only_the_final_model(setup):
     assert (s.tmp / "exit" / "latest").read_text() == "iter_0000001"
     second = run(s, 0, "exit", 1, 1, 4, 4, *flags)
     assert [m["iteration"] for m in second] == [1, 2] and (hf / "config.json").is_file()
+    # a model under --max-shard-size: one file, as transformers' save_pretrained writes it, no index
+    assert sorted(p.name for p in hf.glob("model*")) == ["model.safetensors"]
 
 
 def test_hf_export_matches_the_parallel_model(setup, runs):
@@ -195,8 +285,11 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
 
     # Files of at most 100 kB: the 12.6 MB embedding alone in one, each stage's layers (about 150 kB
     # each) over several (a fused qkv's q, k and v may land in different files); the same tensors,
-    # all in the index.
+    # all in the index. A crashed export's temporary folder, with a file of its own plan, is not
+    # part of it.
     small = setup.tmp / "exported-small"
+    (setup.tmp / ".exported-small.partial").mkdir()
+    (setup.tmp / ".exported-small.partial" / "model-00099-of-00099.safetensors").write_bytes(b"torn")
     result = launch(4, "--load", setup.tmp / "tp2pp2", "--out", small, "--max-shard-size", "100KB",
                     script="tools/export_hf.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -219,6 +312,8 @@ def test_export_files_follow_the_stages():
     stages = [(0, {"embed": 10, "l0.q": 4, "l0.k": 4, "l0.v": 4}), (1, {"l1.q": 4, "norm": 1, "embed": 10})]
     assert plan_files(stages, 9) == [(0, ["embed"]), (0, ["l0.q", "l0.k"]), (0, ["l0.v"]), (1, ["l1.q", "norm"])]
     assert plan_files(stages, 100) == [(0, ["embed", "l0.q", "l0.k", "l0.v"]), (1, ["l1.q", "norm"])]
+    # "at most": tensors that fill a file exactly share it
+    assert plan_files([(0, {"a": 4, "b": 5, "c": 1})], 9) == [(0, ["a", "b"]), (0, ["c"])]
 
 
 def test_packing_across_pipeline_stages(setup):

@@ -123,3 +123,10 @@ def test_token_summary_is_the_population_statistics_of_phi():
     assert rec["frac_phi_lt_-1"] == pytest.approx((phi < -1).double().mean().item(), rel=1e-12)
     assert rec["loss"] == rec["loss_ce"] == pytest.approx(nll.mean().item(), rel=1e-4)
     assert rec["gamma_mean"] == 0.0  # ce: w = p_y ** 0
+    # By hand, for what ce leaves at 0: 3 tokens, the mean of the trained loss (dft) and of gamma.
+    sums = {"loss_ce": 6.0, "loss_dft": 3.0, "loss_idft": 1.5, "loss_eaft": 0.6, "tokens": 3.0, "phi": -3.0,
+            "phi_sq": 5.0, "gamma": 1.5, "phi_lt_-1": 1.0}
+    assert sums.keys() == set(SUMS)
+    assert token_summary(sums, "dft") == {"loss": 1.0, "phi_mean": -1.0, "phi_std": pytest.approx((2 / 3) ** 0.5),
+                                          "gamma_mean": 0.5, "frac_phi_lt_-1": pytest.approx(1 / 3), "loss_ce": 2.0,
+                                          "loss_dft": 1.0, "loss_idft": 0.5, "loss_eaft": pytest.approx(0.2)}
