@@ -255,6 +255,23 @@ def test_exit_interval_exports_only_the_final_model(setup):
     assert sorted(p.name for p in hf.glob("model*")) == ["model.safetensors"]
 
 
+def test_a_bf16_run_exports_its_bf16_weights_from_the_run_and_from_the_checkpoint(setup):
+    """--export-hf writes the live model's bf16 tensors; tools/export_hf.py builds its engine in the
+    checkpoint's precision, so it writes the same tensors (not fp32 copies, twice the bytes)."""
+    s, live, offline = setup, setup.tmp / "bf16-hf", setup.tmp / "bf16-exported"
+    run(s, 0, "bf16", 1, 1, 4, 4, "--loss", "ce", "--lr", "1e-2", "--train-iters", 1, "--export-hf", live,
+        config="zero1_bf16.json")
+    result = launch(0, "--load", s.tmp / "bf16", "--out", offline, script="tools/export_hf.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    start = load_file(s.model / "model.safetensors")
+    a, b = (load_file(d / "model.safetensors") for d in (live, offline))
+    assert a.keys() == b.keys() == start.keys()
+    assert all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.norm.weight"].float(), start["model.norm.weight"].float())  # trained
+    for d in (live, offline):
+        assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_hf_export_matches_the_parallel_model(setup, runs):
     """The exported folder loads in transformers; its validation loss and mean phi, computed from
     its logits, equal the (2,2,1) model's own; tools/export_hf.py from the checkpoint agrees."""

@@ -98,7 +98,7 @@ def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE
     # An engine without optimizer, only to read DeepSpeed's files for this rank's stage and shard;
     # in the run's precision, so the folder holds the tensors the run trained.
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "bf16": {"enabled": meta["bf16"]}}
+              "bf16": {"enabled": meta["bf16"]}, "fp16": {"enabled": meta.get("fp16", False)}}
     engine = make_engine(pipe, config)
     with torch.no_grad():
         path, _ = engine.load_checkpoint(str(load), tag, load_module_only=True, load_optimizer_states=False,
