@@ -237,8 +237,9 @@ def test_packed_model_equals_transformers_per_document_and_mask_path_gradients(h
         model.zero_grad()
         (model(ids, pos, segment_ids=SEG, masks=masks) * weight).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5, msg=n)
+    for n in grads[0]:  # two fp32 summation orders: equal to rounding, relative to the largest entry
+        scale = grads[0][n].abs().max().item()
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=2e-6 * scale, msg=n)
 
 
 class OutputSizes(TorchDispatchMode):
