@@ -216,7 +216,10 @@ def test_prefix_trains_like_the_raw_file_and_like_transformers(setup, epoch_runs
         assert len(a) == len(b) == (2 if raw == "raw" else IndexedDataset(setup.tmp / "packed1").packs)
         for x, y in zip(a, b):
             for key in ("loss", "loss_ce", "loss_idft", "phi_mean", "loss_tokens", "tokens"):
-                assert y[key] == pytest.approx(x[key], rel=1e-6), (prefix, x["iteration"], key)
+                # phi = log p + H nearly cancels (about -0.03 from terms of about 10): an fp32 rounding
+                # of the terms is a relative 1e-6 of the mean, so it gets an absolute tolerance too
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-6 if key == "phi_mean" else 0), \
+                    (prefix, x["iteration"], key)
         # one epoch covers every row once: the token-weighted mean of the iterations is the dense loss
         epoch = sum(m["loss_ce"] * m["loss_tokens"] for m in b) / sum(m["loss_tokens"] for m in b)
         assert epoch == pytest.approx(truth, rel=1e-5), prefix
