@@ -173,6 +173,6 @@ def test_a_resumed_run_may_change_its_data_parallel_size_and_what_the_checkpoint
     saved = {"iteration": 3, **run_settings_of(tmp_path)}
     for layout in ((1, 1, 1), (1, 1, 4)):
         check_settings(saved, run_settings_of(tmp_path, layout=layout), "x")
-    check_settings(saved, run_settings_of(tmp_path, ["--loss", "ce", "--idft-beta", "2", "--save", "ck", "--save-interval", "5",
-                                                     "--micro-batch-size", "4", "--lr-decay-iters", "10",
-                                                     "--train-iters", "30"]), "x")
+    check_settings(saved, run_settings_of(tmp_path, ["--loss", "ce", "--idft-beta", "2", "--save", "ck",
+                                                     "--save-interval", "5", "--micro-batch-size", "4",
+                                                     "--lr-decay-iters", "10", "--train-iters", "30"]), "x")
