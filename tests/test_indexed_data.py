@@ -135,7 +135,7 @@ def test_raw_file_cache_is_keyed_by_the_chat_template(setup, tmp_path, monkeypat
     import torch.distributed as dist
 
     from megatron_onpolicy.train.batches import cached
-    from tests.dist_utils import free_port
+    from tests.dist_utils import one_process_group
     s = setup
     monkeypatch.setenv("MEGATRON_ONPOLICY_DATA_CACHE", str(tmp_path / "cache"))
     other = load_tokenizer(s.model)
@@ -145,12 +145,9 @@ def test_raw_file_cache_is_keyed_by_the_chat_template(setup, tmp_path, monkeypat
     other = load_tokenizer(tmp_path / "other")  # as the run would load it
     args = SimpleNamespace(prompt_key="prompt", response_key="response", seq_length=L, overlong="truncate", pack=False)
     assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:  # cached() agrees on errors across ranks: a world of one
+    with one_process_group():  # cached() agrees on errors across ranks: a world of one
         first = cached(s.train, s.tok, s.model, args)
         second = cached(s.train, other, tmp_path / "other", args)
-    finally:
-        dist.destroy_process_group()
     assert first != second and len(list((tmp_path / "cache").glob("*.idx"))) == 2
     rows = read_rows(s.train)
     for prefix, tok in ((first, s.tok), (second, other)):
