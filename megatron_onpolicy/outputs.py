@@ -2,6 +2,7 @@
 input order into the final file under a temporary name, then renamed."""
 import datetime
 import decimal
+import errno
 import json
 import math
 import os
@@ -24,12 +25,38 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:16]}")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
+def fsync_dir(folder: Path) -> None:
+    """Put a folder's entries (the files created or renamed in it) on disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot sync a folder (PostgreSQL's fsync_fname, alike)
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """A text file to write, put in place of `path` once written: readers see the old file or the
+    new one, never a half-written one. The new one is on disk, contents and name, when this
+    returns, not only in the node's cache: what it replaces or lets go of (the checkpoint `latest`
+    named, which the save then prunes; shards merged into it, then removed) must not be lost with
+    a node that fails a moment later."""
     path = Path(path)
     tmp = _tmp_name(path)
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -169,12 +196,9 @@ def _rows_in_order(parts, part_of, offset, field: str = None):
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for row in rows:
             f.write(json_line(row))
-    os.replace(tmp, path)
 
 
 def remove_shards(parts) -> None:

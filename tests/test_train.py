@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -162,6 +163,46 @@ def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
     checkpoint._prune(tmp_path, None, 11)  # no --keep-last: every complete checkpoint stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
+
+
+def test_a_save_is_on_disk_before_latest_names_it_and_a_crash_leaves_the_one_before(tmp_path, monkeypatch):
+    """checkpoint.save on a DeepSpeed engine: every file of the new checkpoint is synced to disk
+    (os.fsync on its inode) before `latest` is replaced, and `latest` and its folder after, since
+    the save then prunes the checkpoint before (a node lost a moment later would otherwise take
+    both). A crash before the rename into place leaves `latest` naming the one before."""
+    import deepspeed
+
+    from megatron_onpolicy.train.batches import Position
+    from tests.dist_utils import one_process_group
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # (DeepSpeed asks for it)
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (synced.append(Path(dst).name), real_replace(src, dst)))
+    args = SimpleNamespace(lr=1e-3, min_lr=0.0, lr_warmup_iters=0, lr_decay_iters=None, lr_decay_style="linear",
+                           weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    with one_process_group():
+        module = torch.nn.Linear(4, 4)
+        optimizer = make_optimizer(module, args)
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                          lr_scheduler=make_scheduler(optimizer, args, 10),
+                                          config={"train_batch_size": 1, "gradient_clipping": 1.0,
+                                                  "zero_optimization": {"stage": 1}})
+        checkpoint.save(engine, tmp_path, 2, Position(), {"x": 1}, keep_last=1)
+        files = [p for p in (tmp_path / "iter_0000002").rglob("*") if p.is_file()]
+        assert sorted(p.name for p in files) == ["complete.json", "mp_rank_00_model_states.pt",
+                                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        latest = synced.index("latest")
+        assert {p.stat().st_ino for p in files + [tmp_path / "latest"]} <= set(synced[:latest])
+        assert tmp_path.stat().st_ino in synced[latest:]  # the renames into it
+
+        def node_lost(*_):
+            raise OSError("node lost")
+        monkeypatch.setattr(checkpoint, "replace_dir", node_lost)
+        with pytest.raises(OSError, match="node lost"):
+            checkpoint.save(engine, tmp_path, 3, Position(), {"x": 1}, keep_last=1)
+    assert checkpoint.read_checkpoint(tmp_path) == ("iter_0000002", {"iteration": 2, "x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [".partial-iter_0000003", "iter_0000002"]
 
 
 def rng_draws():

@@ -11,9 +11,11 @@ partitions of the old DP ranks are put together per parameter and cut anew (`_re
 A checkpoint is written as DIR/.partial-iter_NNNNNNN and renamed once every rank has finished
 (DeepSpeed's file names inside do not depend on the tag), then DIR/latest is replaced
 atomically. A crash while saving leaves only a .partial folder, which nothing reads and the next
-save removes; the previous checkpoint and `latest` are untouched.
+save removes; the previous checkpoint and `latest` are untouched. Every file is on disk, not only
+in a node's cache, before `latest` names it: the save goes on to prune the checkpoint before it.
 """
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from ..model.hub import replace_dir
 from ..outputs import write_json_atomic, write_text_atomic
@@ -44,6 +47,8 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     """Every rank calls this. meta: the run's layout and data settings (checked on resume)."""
     folder, tag = Path(folder), tag_of(iteration)
     partial = PARTIAL + tag
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # (another keeps its own ways)
+        engine.checkpoint_engine = _SyncedFiles(engine._config)
     if dist.get_rank() == 0 and (folder / partial).exists():
         shutil.rmtree(folder / partial)
     dist.barrier()
@@ -54,9 +59,20 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     if dist.get_rank() == 0:
         write_json_atomic(folder / partial / MARKER, {"iteration": iteration, **meta})
         replace_dir(folder / partial, folder / tag)
-        write_text_atomic(folder / "latest", tag)
+        write_text_atomic(folder / "latest", tag)  # (its folder's sync takes the rename above too)
         _prune(folder, keep_last, iteration)
     dist.barrier()
+
+
+class _SyncedFiles(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine (torch.save), each file synced to disk before its save returns.
+    Each rank syncs the files it wrote, on its own node: a network file system writes back a
+    client's cache on that client's fsync, not on another's."""
+
+    def save(self, state_dict, path):
+        super().save(state_dict, path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def has_complete(folder) -> bool:
