@@ -22,7 +22,7 @@ step() { echo; echo "=== [$(($(date +%s) - t0)) s] $*"; }
 part1() {
     step "tests, but the decoding ones (part decode runs those)"
     timeout -s INT -k 20 180 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
-        -k "not (generation or cuda_graph or host_copy)" 2>&1
+        -k "not (generation or cuda_graph or host_copy or sampling)" 2>&1
     step chunk kernels, Triton against eager
     timeout 40 $PY bench/bench_fused_loss.py --chunk-sums --vocab 49152 151936 --chunk-size 1024 --repeat 10 --dtype bf16
     for dtype in fp32 bf16; do
@@ -53,7 +53,7 @@ part2() {
 decode() {
     step decoding tests
     timeout -s INT -k 20 60 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
-        -k "generation or cuda_graph or host_copy" 2>&1
+        -k "generation or cuda_graph or host_copy or sampling" 2>&1
     step decoding, eager and in a CUDA graph
     timeout 120 $PY bench/bench_decoding.py --new-tokens 256 --naive-tokens 256 --naive-examples 1 \
         --batches 1 8 32 --cuda-graph

@@ -385,7 +385,8 @@ def reference_nucleus(z, top_p):
 def test_top_p_keeps_the_nucleus(monkeypatch):
     """Top-p through the most likely candidates, and the whole-row sort where they fall short (16
     candidates here, so the flat rows do), keeps exactly the tokens a float64 sort of each row
-    keeps, at their logits; rows from peaked to flat, and rows cut by top-k first."""
+    keeps, at their logits; rows from peaked to flat, and rows cut by top-k first. So does the
+    whole-row sort of every row, the path on a GPU."""
     monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 16)
     g = torch.Generator().manual_seed(0)
     scale = torch.logspace(-1, 1.5, 48)[:, None]
@@ -395,9 +396,9 @@ def test_top_p_keeps_the_nucleus(monkeypatch):
         keep = reference_nucleus(z, top_p)
         sizes = keep.sum(-1)
         assert (sizes > 16).any() and (sizes <= 16).any()  # both paths
-        got = sampling._top_p(z, top_p)
-        assert torch.equal(got.isfinite(), keep), top_p
-        assert torch.equal(got[keep], z[keep])
+        for got in (sampling._top_p(z, top_p), sampling._sorted_top_p(z, top_p)):
+            assert torch.equal(got.isfinite(), keep), top_p
+            assert torch.equal(got[keep], z[keep])
 
 
 @pytest.mark.parametrize("candidates", [3, 4])

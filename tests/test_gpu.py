@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from megatron_onpolicy.ddt import fused
 from megatron_onpolicy.generate import HintConfig, SamplingParams, generate, hinted_generate
 from megatron_onpolicy.generate.engine import DecodeState, HostCopy
+from megatron_onpolicy.generate.sampling import sample
 from megatron_onpolicy.model import attention
 from megatron_onpolicy.model.attention import attend, packed_spans
 from megatron_onpolicy.model.loader import load_model
@@ -204,6 +205,18 @@ def test_decoding_in_a_cuda_graph_equals_eager(tmp_path, kind):
         runs = [[r.tokens for r in hinted_generate(model, IdTokenizer(), hints, prompts, params, HintConfig(),
                                                     cuda_graph=c)] for c in (False, True)]
         assert runs[0] == runs[1]
+
+
+def test_sampling_on_gpu_never_waits_for_the_device():
+    """sample() on CUDA logits makes no host sync (torch raises at one in this mode): the host
+    queues the next decode step while the device still computes this one."""
+    logits = torch.randn(16, 49152, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for top_k, top_p in ((0, 1.0), (50, 1.0), (0, 0.95), (20, 0.9)):
+            sample(logits, 0.7, top_p, top_k, torch.Generator(device="cuda").manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_host_copy_waits_for_its_copies_only():

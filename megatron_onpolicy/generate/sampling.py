@@ -49,17 +49,24 @@ def _top_p(z, top_p: float):
     """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one). At
     sampling temperatures the nucleus is a few tokens: the TOP_P_CANDIDATES most likely ones
     (topk, sorted) hold it unless their mass falls short of top_p, and only such rows are sorted
-    whole (sorting 49152 logits took 30 ms for 16 rows on the 2-core CPU, topk 1 ms)."""
+    whole (sorting 49152 logits took 30 ms for 16 rows on the 2-core CPU, topk 1 ms). On a GPU
+    every row is sorted whole: choosing the rows there is a host sync each token, which stops the
+    host queueing the next decode step while the device runs this one (engine.HostCopy)."""
+    if z.is_cuda:
+        return _sorted_top_p(z, top_p)
     top, order = z.topk(min(TOP_P_CANDIDATES, z.shape[-1]), dim=-1)
     kept = _nucleus(top, (top - z.logsumexp(dim=-1, keepdim=True)).exp(), top_p)
     out = torch.full_like(z, float("-inf")).scatter(-1, order, kept)
     short = kept.isfinite().all(dim=-1)  # every candidate kept: the nucleus may reach further
     if bool(short.any()):
         rows = short.nonzero().squeeze(-1)
-        sorted_z, order = z[rows].sort(dim=-1, descending=True)
-        kept = _nucleus(sorted_z, sorted_z.softmax(dim=-1), top_p)
-        out[rows] = torch.empty_like(sorted_z).scatter_(-1, order, kept)
+        out[rows] = _sorted_top_p(z[rows], top_p)
     return out
+
+
+def _sorted_top_p(z, top_p: float):
+    sorted_z, order = z.sort(dim=-1, descending=True)
+    return torch.empty_like(sorted_z).scatter_(-1, order, _nucleus(sorted_z, sorted_z.softmax(dim=-1), top_p))
 
 
 def _nucleus(sorted_z, probs, top_p: float):
