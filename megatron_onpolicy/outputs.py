@@ -37,6 +37,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Put a written file's contents on disk (on the node that wrote it: a network file system
+    writes back a client's cache on that client's fsync, not on another's)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 @contextmanager
 def atomic_file(path: Path):
     """A text file to write, put in place of `path` once written: readers see the old file or the

@@ -364,6 +364,46 @@ def test_hf_export_matches_the_parallel_model(setup, runs):
     transformers.AutoModelForCausalLM.from_pretrained(small)
 
 
+def test_an_export_is_on_disk_before_it_replaces_the_one_before(tmp_path, monkeypatch):
+    """export_hf over an older export: every file of the new one, and its folder, synced to disk
+    (os.fsync on their inodes) before it is renamed into place; the folder holding both synced
+    before the old one is removed, so that a node lost a moment later leaves one or the other."""
+    import deepspeed
+
+    from megatron_onpolicy.model import hub
+    from megatron_onpolicy.model.hf_io import load_hf_weights
+    from megatron_onpolicy.model.loader import load_arch, load_tokenizer
+    from megatron_onpolicy.train.export import export_hf
+    from megatron_onpolicy.train.model import build_pipeline, hf_names
+    from tests.dist_utils import one_process_group
+
+    folder, out = make_tiny_model(tmp_path / "tiny", layers=1), tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.json").write_text("{}")
+    events, real_fsync, real_rename, real_rmtree = [], os.fsync, os.rename, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    monkeypatch.setattr(os, "rename", lambda src, dst: (events.append(("rename", Path(dst).name)),
+                                                        real_rename(src, dst)))
+    monkeypatch.setattr(hub.shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", Path(p).name)),
+                                                              real_rmtree(p, **kw)))
+    monkeypatch.setattr(state, "_TOPOLOGY", None)
+    monkeypatch.setattr(state, "_GROUPS", {})
+    monkeypatch.setenv("LOCAL_RANK", "0")  # (DeepSpeed asks for it)
+    with one_process_group():
+        deepspeed.init_distributed("gloo", verbose=False)  # DeepSpeed's PipelineModule uses its comm
+        state.initialize_model_parallel(1, 1)
+        _, arch = load_arch(str(folder))
+        pipe = build_pipeline(arch, state.get_tensor_model_parallel_group(), state.topology(), None)
+        load_hf_weights(pipe, folder, hf_names(pipe))
+        export_hf(pipe, load_tokenizer(folder), out)
+    files = list(out.iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f.name for f in files}
+    assert "stale.json" not in {f.name for f in files}
+    moved = events.index(("rename", "hf"))
+    assert {f.stat().st_ino for f in files + [out]} <= set(events[:moved])
+    assert tmp_path.stat().st_ino in events[moved:events.index(("rmtree", f"hf.old-{os.getpid()}"))]
+
+
 def test_export_files_follow_the_stages():
     """Each stage's tensors in order, in files of at most max_bytes (a larger tensor alone), the
     tied embedding only in the first stage that has it; files numbered across stages."""

@@ -15,7 +15,6 @@ save removes; the previous checkpoint and `latest` are untouched. Every file is 
 in a node's cache, before `latest` names it: the save goes on to prune the checkpoint before it.
 """
 import json
-import os
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rn
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from ..model.hub import replace_dir
-from ..outputs import write_json_atomic, write_text_atomic
+from ..outputs import fsync_file, write_json_atomic, write_text_atomic
 from .args import TrainConfigError
 from .batches import Position
 
@@ -59,20 +58,18 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     if dist.get_rank() == 0:
         write_json_atomic(folder / partial / MARKER, {"iteration": iteration, **meta})
         replace_dir(folder / partial, folder / tag)
-        write_text_atomic(folder / "latest", tag)  # (its folder's sync takes the rename above too)
+        write_text_atomic(folder / "latest", tag)
         _prune(folder, keep_last, iteration)
     dist.barrier()
 
 
 class _SyncedFiles(TorchCheckpointEngine):
-    """DeepSpeed's checkpoint engine (torch.save), each file synced to disk before its save returns.
-    Each rank syncs the files it wrote, on its own node: a network file system writes back a
-    client's cache on that client's fsync, not on another's."""
+    """DeepSpeed's checkpoint engine (torch.save), each file synced to disk by the rank that wrote
+    it before its save returns."""
 
     def save(self, state_dict, path):
         super().save(state_dict, path)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(path)
 
 
 def has_complete(folder) -> bool:

@@ -15,6 +15,7 @@ from .. import cli
 from ..model.hf_io import gather_hf_tensors, hf_shapes, write_hf_extras
 from ..model.hub import replace_dir
 from ..model.loader import load_arch, load_tokenizer
+from ..outputs import fsync_file
 from ..parallel import state
 from . import checkpoint
 from .engine import make_engine, pipeline_module
@@ -26,7 +27,7 @@ MAX_FILE_BYTES = 4 * 10**9  # "4GB", tools/export_hf.py's default --max-shard-si
 def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> None:
     """Every rank calls this with its PipelineModule. The folder is written under a temporary
     name and renamed by rank 0 after a barrier: on several nodes it appears only once every
-    stage's files are on the shared file system."""
+    stage's files are on the shared file system, each synced to disk by its writer."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.partial"
     stage, dp0 = state.get_pipeline_model_parallel_rank(), state.get_data_parallel_rank() == 0
@@ -56,13 +57,17 @@ def export_hf(pipe, tokenizer, out, max_file_bytes: int = MAX_FILE_BYTES) -> Non
                 while mine and mine[0][1] <= held.keys():
                     k, group = mine.pop(0)
                     save_file({h: held.pop(h).contiguous() for h in group}, tmp / name_of(k), metadata={"format": "pt"})
+                    fsync_file(tmp / name_of(k))  # replace_dir lets go of the old export
             del merged
     dist.barrier()  # every stage's files are on the file system
     if dist.get_rank() == 0:
         sizes = {h: nbytes for _, stage_sizes in stages for h, nbytes in stage_sizes.items()}
         weight_map = {h: name_of(k) for k, (_, group) in enumerate(files) for h in group}
+        weights = set(tmp.iterdir())
         write_hf_extras(tmp, pipe.cfg, tokenizer, next(p.dtype for p in pipe.parameters()),
                         weight_map if n > 1 else None, sum(sizes[h] for h in weight_map))
+        for f in set(tmp.iterdir()) - weights:
+            fsync_file(f)
         replace_dir(tmp, out)
     dist.barrier()
 
