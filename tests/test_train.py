@@ -166,10 +166,10 @@ def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
 
 
 def test_a_save_is_on_disk_before_latest_names_it_and_a_crash_leaves_the_one_before(tmp_path, monkeypatch):
-    """checkpoint.save on a DeepSpeed engine: every file of the new checkpoint is synced to disk
-    (os.fsync on its inode) before `latest` is replaced, and `latest` and its folder after, since
-    the save then prunes the checkpoint before (a node lost a moment later would otherwise take
-    both). A crash before the rename into place leaves `latest` naming the one before."""
+    """checkpoint.save on a DeepSpeed engine: every file of the new checkpoint, and the new text of
+    `latest`, synced to disk (os.fsync on their inodes) before `latest` is replaced, and its folder
+    after, since the save then prunes the checkpoint before (a node lost a moment later would
+    otherwise take both). A crash before the rename into place leaves `latest` naming the one before."""
     import deepspeed
 
     from megatron_onpolicy.train.batches import Position
@@ -370,7 +370,6 @@ def test_an_export_is_on_disk_before_it_replaces_the_one_before(tmp_path, monkey
     before the old one is removed, so that a node lost a moment later leaves one or the other."""
     import deepspeed
 
-    from megatron_onpolicy.model import hub
     from megatron_onpolicy.model.hf_io import load_hf_weights
     from megatron_onpolicy.model.loader import load_arch, load_tokenizer
     from megatron_onpolicy.train.export import export_hf
@@ -384,8 +383,8 @@ def test_an_export_is_on_disk_before_it_replaces_the_one_before(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_ino), real_fsync(fd)))
     monkeypatch.setattr(os, "rename", lambda src, dst: (events.append(("rename", Path(dst).name)),
                                                         real_rename(src, dst)))
-    monkeypatch.setattr(hub.shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", Path(p).name)),
-                                                              real_rmtree(p, **kw)))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", Path(p).name)),
+                                                          real_rmtree(p, **kw)))
     monkeypatch.setattr(state, "_TOPOLOGY", None)
     monkeypatch.setattr(state, "_GROUPS", {})
     monkeypatch.setenv("LOCAL_RANK", "0")  # (DeepSpeed asks for it)
