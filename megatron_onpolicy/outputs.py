@@ -53,10 +53,14 @@ def atomic_file(path: Path):
     a node that fails a moment later."""
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a writer that fails (a corrupt row mid-merge) leaves no stray copy
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

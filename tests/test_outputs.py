@@ -15,8 +15,8 @@ import pytest
 from megatron_onpolicy.ddt.score import Z_BINS, summarize
 from megatron_onpolicy.data import DataError
 from megatron_onpolicy.outputs import (ShardWriter, check_writable, merge_shards, open_shards, read_jsonl,
-                                       settings_path, shard_files, shard_path, share_files, write_text_atomic,
-                                       written_indices)
+                                       settings_path, shard_files, shard_path, share_files, write_jsonl_atomic,
+                                       write_text_atomic, written_indices)
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,13 +98,21 @@ def test_a_restart_with_other_settings_is_an_error(tmp_path):
 
 def test_rows_and_small_files_are_on_disk_whole_once_written(tmp_path):
     """write_text_atomic puts a new file in place (a reader of the old one, as `latest` or a
-    checkpoint's marker, still reads it whole), not the old one truncated and rewritten; and a
-    ShardWriter's every row is on disk before the next (a kill loses at most the row in progress)."""
+    checkpoint's marker, still reads it whole), not the old one truncated and rewritten; a write
+    that fails half way leaves the old file and no stray copy; and a ShardWriter's every row is on
+    disk before the next (a kill loses at most the row in progress)."""
     path = tmp_path / "latest"
     path.write_text("iter_0000002")
     with open(path) as reader:
         write_text_atomic(path, "iter_0000004")
         assert reader.read() == "iter_0000002"
+    assert path.read_text() == "iter_0000004" and list(tmp_path.iterdir()) == [path]
+
+    def rows():  # a merge that meets a corrupt row half way
+        yield {"index": 0}
+        raise ValueError("corrupt row")
+    with pytest.raises(ValueError, match="corrupt row"):
+        write_jsonl_atomic(path, rows())
     assert path.read_text() == "iter_0000004" and list(tmp_path.iterdir()) == [path]
     writer = ShardWriter(tmp_path / "x.part")
     for i in range(3):
