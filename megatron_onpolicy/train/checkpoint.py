@@ -46,7 +46,7 @@ def save(engine, folder, iteration: int, position: Position, meta: dict, keep_la
     """Every rank calls this. meta: the run's layout and data settings (checked on resume)."""
     folder, tag = Path(folder), tag_of(iteration)
     partial = PARTIAL + tag
-    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # (another keeps its own ways)
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # (DeepSpeed's others write their own way)
         engine.checkpoint_engine = _SyncedFiles(engine._config)
     if dist.get_rank() == 0 and (folder / partial).exists():
         shutil.rmtree(folder / partial)
