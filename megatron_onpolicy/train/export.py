@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 
 from .. import cli
 from ..model.hf_io import gather_hf_tensors, hf_shapes, write_hf_extras
-from ..model.hub import replace_dir
 from ..model.loader import load_arch, load_tokenizer
-from ..outputs import fsync_file
+from ..outputs import fsync_file, replace_dir
 from ..parallel import state
 from . import checkpoint
 from .engine import make_engine, pipeline_module
