@@ -1,5 +1,6 @@
-"""Row outputs that survive crashes: per-shard files appended and flushed row by row, merged in
-input order into the final file under a temporary name, then renamed."""
+"""Outputs that survive crashes: per-shard files appended and flushed row by row, merged in input
+order into the final file under a temporary name, then renamed; small files and whole folders
+(checkpoints, exports) put in place atomically, and on disk before what they replace goes."""
 import datetime
 import decimal
 import errno
