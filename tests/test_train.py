@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import deepspeed
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.metrics import MetricsLog
 from megatron_onpolicy.train.optim import lr_at, make_optimizer, make_scheduler
+from tests.dist_utils import one_process_group
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 KINDS = ("ce", "dft", "idft")
@@ -170,10 +172,7 @@ def test_a_save_is_on_disk_before_latest_names_it_and_a_crash_leaves_the_one_bef
     `latest`, synced to disk (os.fsync on their inodes) before `latest` is replaced, and its folder
     after, since the save then prunes the checkpoint before (a node lost a moment later would
     otherwise take both). A crash before the rename into place leaves `latest` naming the one before."""
-    import deepspeed
-
     from megatron_onpolicy.train.batches import Position
-    from tests.dist_utils import one_process_group
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # (DeepSpeed asks for it)
     synced, real_fsync, real_replace = [], os.fsync, os.replace
@@ -368,13 +367,10 @@ def test_an_export_is_on_disk_before_it_replaces_the_one_before(tmp_path, monkey
     """export_hf over an older export: every file of the new one, and its folder, synced to disk
     (os.fsync on their inodes) before it is renamed into place; the folder holding both synced
     before the old one is removed, so that a node lost a moment later leaves one or the other."""
-    import deepspeed
-
     from megatron_onpolicy.model.hf_io import load_hf_weights
     from megatron_onpolicy.model.loader import load_arch, load_tokenizer
     from megatron_onpolicy.train.export import export_hf
     from megatron_onpolicy.train.model import build_pipeline, hf_names
-    from tests.dist_utils import one_process_group
 
     folder, out = make_tiny_model(tmp_path / "tiny", layers=1), tmp_path / "hf"
     out.mkdir()
@@ -495,7 +491,6 @@ def test_deepspeed_binds_nccl_to_the_gpu_the_task_sees(monkeypatch, launcher):
     on its node (3): torch refuses cuda:3 where one GPU is visible. Under mpirun the rank comes from
     DeepSpeed's MPI discovery, which must therefore run first. (No GPU here: the CUDA calls are
     stand-ins, and so is the MPI discovery; the real one runs in the mpirun layout above.)"""
-    import deepspeed
     from deepspeed.comm import comm as ds_comm
 
     seen = {}
