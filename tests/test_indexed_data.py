@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -390,6 +391,20 @@ def test_a_killed_build_leaves_nothing_behind_the_next_one(setup, tmp_path):
     preprocess(s.tmp / "a.jsonl", tmp_path / "x", s.model, Settings(), workers=1, progress=False)
     assert left() == [other_host.name]
     assert (tmp_path / "x.bin").read_bytes() == (s.tmp / "a.bin").read_bytes()
+
+
+def test_a_build_is_on_disk_before_it_takes_its_names(setup, tmp_path, monkeypatch):
+    """The .bin and .idx are synced (os.fsync on their inodes) before they are renamed into place,
+    and the folder after the sidecar: a node lost a moment later must not leave a .bin zero-filled
+    at its full size, which neither the sizes nor the .idx's CRC would catch."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(Path(dst).name), real_replace(src, dst)))
+    preprocess(setup.tmp / "a.jsonl", tmp_path / "x", setup.model, Settings(), workers=1, progress=False)
+    for name in "x.bin", "x.idx":
+        assert (tmp_path / name).stat().st_ino in events[:events.index(name)], name
+    assert events.index("x.bin") < events.index("x.idx") < events.index("x.json")
+    assert tmp_path.stat().st_ino in events[events.index("x.json"):]
 
 
 def test_parquet_and_datasets_folder_stream_to_the_same_bytes(setup, tmp_path, monkeypatch):

@@ -5,9 +5,9 @@ slices), workers tokenize them (a bounded number of chunks in flight, results ta
 order), and the main process appends them to temporary files: the .bin records and one file per
 index column. Memory stays bounded by the chunks in flight and the packing window, whatever the
 source's size; the output depends only on the input and the settings, not on the number of
-workers. The files get their final names only once complete (.bin, then .idx, then the .json
-sidecar last); the temporary folder of a build that was killed is removed by the next build of
-the same prefix on that host."""
+workers. The files get their final names only once complete and on disk (.bin, then .idx, then
+the .json sidecar last); the temporary folder of a build that was killed is removed by the next
+build of the same prefix on that host."""
 import fcntl
 import hashlib
 import json
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..outputs import write_json_atomic
+from ..outputs import fsync_file, write_json_atomic
 from .batches import fit_length
 from .indexed import HEADER, MAGIC, VERSION, encode_records, paths, token_dtype
 from .packing import FirstFit
@@ -100,6 +100,10 @@ def preprocess(source, prefix, tokenizer_path, settings: Settings, workers: int 
                 "source": {"path": str(source), "rows": writer.rows}, **asdict(settings),
                 "samples": writer.samples, "truncated": writer.truncated, "dropped": writer.dropped,
                 "packs": writer.packs, "tokens": writer.tokens, "idx_crc32": crc}
+        # On disk before they take their names: the sidecar's CRC covers the .idx, not the .bin,
+        # so a .bin a lost node left zero-filled at its full size would read as tokens.
+        fsync_file(tmp / "bin")
+        fsync_file(tmp / "idx")
         os.replace(tmp / "bin", bin_path)
         os.replace(tmp / "idx", idx_path)
         write_json_atomic(json_path, meta)
