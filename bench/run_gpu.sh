@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/performance.md ("On a GPU"), on one GPU:
-#   bash bench/run_gpu.sh [LOG_DIR] [1|2|decode|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
-# Part 1 is the tests and the loss and attention benches, part 2 the trainer and recomputation
-# benches and a TP rank's two-pass loss: each at most about 10 minutes on an H100 (the time limits
-# below; the 2026-11-26 runs' steps took less), so that each fits one call where a call may run 10
-# minutes. Part "decode" (about 3 minutes) is decoding alone: the CUDA graph's tests, then eager
-# and graphed decoding side by side.
+#   bash bench/run_gpu.sh [LOG_DIR] [decode|tests|1|2|all]   (python3: a CUDA build of torch, with DeepSpeed, transformers)
+# Each part fits one call, where a call may run 10 minutes, with room for a cold start: "decode"
+# (about 3 minutes) is the decoding tests, then eager and graphed decoding side by side; "tests"
+# the other GPU tests (about 4 minutes at most, torch.compile's kernels built cold); part 1 the
+# loss and attention benches, part 2 the trainer and recomputation benches and a TP rank's
+# two-pass loss (each at most about 8 minutes: the time limits below; the 2026-11-26 runs' steps
+# took less). All but part 1 need the model (the tests' tiny models take the SmolLM2 tokenizer).
 # The trainer runs log torch.compile's recompilations (the flex backend's). Each step has a time
 # limit and a failing step does not stop the others; everything goes to LOG_DIR/gpu-PART.log
 # (default: the current folder). pytest is stopped with SIGINT, so that it still prints its failures.
@@ -16,13 +17,17 @@ PY=${PY:-python3}
 PART=${2:-all}
 mkdir -p "${1:-.}"
 exec > >(tee "${1:-.}/gpu-$PART.log") 2>&1
+TEE=$!
 t0=$(date +%s)
 step() { echo; echo "=== [$(($(date +%s) - t0)) s] $*"; }
 
-part1() {
+tests() {
     step "tests, but the decoding ones (part decode runs those)"
-    timeout -s INT -k 20 180 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
+    timeout -s INT -k 20 240 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py \
         -k "not (generation or cuda_graph or host_copy or sampling)" 2>&1
+}
+
+part1() {
     step chunk kernels, Triton against eager
     timeout 40 $PY bench/bench_fused_loss.py --chunk-sums --vocab 49152 151936 --chunk-size 1024 --repeat 10 --dtype bf16
     for dtype in fp32 bf16; do
@@ -62,10 +67,13 @@ decode() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)"
 case $PART in
+    decode) decode ;;
+    tests) tests ;;
     1) part1 ;;
     2) part2 ;;
-    decode) decode ;;
-    all) decode; part1; part2 ;;
-    *) echo "part: 1, 2, decode or all, not $PART"; exit 2 ;;
+    all) decode; tests; part1; part2 ;;
+    *) echo "part: decode, tests, 1, 2 or all, not $PART"; exit 2 ;;
 esac
 step done
+exec >&- 2>&-  # close tee's pipe and let it finish the log before the call ends
+wait $TEE
