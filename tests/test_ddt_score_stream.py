@@ -16,7 +16,7 @@ import pytest
 from megatron_onpolicy.data import DataError, Row, RowStream, read_rows
 from megatron_onpolicy.data.stream import share_windows
 from megatron_onpolicy.ddt.score import row_keys
-from tests.dist_utils import run_distributed
+from tests.dist_utils import free_port, run_distributed
 from tests.test_realign import tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,8 @@ def data(tmp_path_factory):
 
 
 def run(ranks, *args):
-    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), TOOL] if ranks > 1 else [sys.executable, TOOL]) + list(args)
+    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), TOOL] if ranks > 1
+           else [sys.executable, TOOL]) + list(args)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -15,6 +15,7 @@ import transformers
 from megatron_onpolicy.generate.answers import answers_match, final_answer
 from megatron_onpolicy.model.hub import resolve_model_path
 from megatron_onpolicy.outputs import ShardWriter, cut_torn_line, written_indices
+from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "realign_distributed.py")
@@ -73,8 +74,8 @@ def kill_a_rank(cmd, folder, tool) -> int:
 def test_killed_rank_restart_loses_and_repeats_nothing(tiny_model, tmp_path):
     data, rows = data_file(tmp_path, 48)
     out = tmp_path / "out"
-    cmd = [DEEPSPEED, "--num_gpus", "2", TOOL, "--model", str(tiny_model), "--data", str(data), "--out-dir", str(out),
-           "--max-new-tokens", "64", "--batch-size", "1", "--temperature", "0.3"]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TOOL, "--model", str(tiny_model),
+           "--data", str(data), "--out-dir", str(out), "--max-new-tokens", "64", "--batch-size", "1", "--temperature", "0.3"]
     assert kill_a_rank(cmd, out / "shards", TOOL) != 0
     assert not (out / "realigned.jsonl").exists()
     done_before = complete_lines(out / "shards")

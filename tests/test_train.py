@@ -28,7 +28,7 @@ from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.metrics import MetricsLog
 from megatron_onpolicy.train.optim import lr_at, make_optimizer, make_scheduler
-from tests.dist_utils import one_process_group
+from tests.dist_utils import free_port, one_process_group
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 KINDS = ("ce", "dft", "idft")
@@ -482,6 +482,22 @@ def test_a_plain_process_in_a_batch_script_is_a_job_of_one(tmp_path):
     result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.stdout.strip().splitlines()[-1:] == ["1"], result.stderr[-3000:]
+
+
+def test_an_mpirun_job_takes_its_port_from_the_environment():
+    """DeepSpeed's MPI discovery sets MASTER_PORT to 29500 unless told otherwise: two mpirun jobs
+    on one node would share the port, and `deepspeed --launcher mpich --master_port P` (which
+    exports MASTER_PORT=P to mpirun's ranks) would not get P."""
+    port = str(free_port())
+    child = ("import os, torch.distributed as dist\n"
+             "from megatron_onpolicy.parallel import state\n"
+             "state.init_distributed()\n"
+             "print(dist.get_world_size(), os.environ['MASTER_PORT'])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    result = subprocess.run([str(Path(sys.executable).parent / "mpirun"), "-np", "2", sys.executable, "-c", child],
+                            cwd=ROOT, env={**env, "MASTER_PORT": port}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("2 ")] == [f"2 {port}"] * 2, result.stdout
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])

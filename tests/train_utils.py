@@ -13,6 +13,7 @@ import transformers
 
 from megatron_onpolicy.model.hub import resolve_model_path
 from megatron_onpolicy.model.loader import load_tokenizer
+from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,11 +52,12 @@ def launch(n, *args, runner="deepspeed", script=ENTRY, timeout=600):
         cmd = [sys.executable, script]
     elif runner == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", script]
-    elif runner == "mpirun":
+    elif runner == "mpirun":  # the job's port from the environment (MPICH passes it on), as users set it
         cmd = [str(BIN / "mpirun"), "-np", str(n), sys.executable, script]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), script]
-    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), script]
+    env = {**os.environ, "MASTER_PORT": str(free_port())} if runner == "mpirun" else None
+    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _slurm_step(n, cmd, timeout):

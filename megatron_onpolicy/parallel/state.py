@@ -37,7 +37,9 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     env = os.environ
     if "RANK" not in env and _mpi_launched(env):
         # Here, not inside init_distributed: LOCAL_RANK must be a GPU ordinal before NCCL binds.
-        ds_comm.mpi_discovery(verbose=False)
+        # The port as the deepspeed launcher (--launcher mpich/impi) or the user exported it: the
+        # discovery would otherwise write its default, 29500, whatever the job was given.
+        ds_comm.mpi_discovery(distributed_port=int(env.get("MASTER_PORT", 29500)), verbose=False)
     elif "RANK" not in env and srun_task(env):
         for key, value in slurm_env(env).items():
             env.setdefault(key, value)
