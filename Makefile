@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two pytest workers, a test file each (its module fixtures stay in one process). One at a time,
+# the suite kept 2 cores 76 % busy (a process importing torch and DeepSpeed leaves the other
+# core idle): 1626 s against 1155 s with two workers (docs/performance.md, Start-up).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q -x tests --ignore=tests/test_slurm.py
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/test_slurm.py
 
 # launch/slurm/*.sbatch on a one-node SLURM started by the test itself (tests/slurm_cluster.py).
 test-slurm: setup slurm
