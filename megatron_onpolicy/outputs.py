@@ -168,18 +168,28 @@ def cut_torn_line(path: Path) -> None:
 _INDEX = re.compile(rb'\{"index": (\d+)[,}]')  # how ShardWriter's json.dumps starts every line
 
 
-def _index_of(line: bytes) -> int:
-    """A shard line's row index, read from the line's start (no parse of the rest)."""
-    m = _INDEX.match(line)
-    return int(m[1]) if m else json.loads(line)["index"]
+def _indexed_lines(part):
+    """(byte offset, row index) of each line of a shard file, the index read from the line's start
+    (no parse of the rest). A line that is no row (a node lost mid-write can leave a zero-filled
+    one before a later line) is an error that names it, rather than a file taken for less than it is."""
+    with open(part, "rb") as f:
+        pos = 0
+        for number, line in enumerate(f, 1):
+            m = _INDEX.match(line)
+            try:
+                i = int(m[1]) if m else json.loads(line)["index"]
+            except (ValueError, TypeError, KeyError):
+                raise DataError(f"{part}:{number}: not a row ({line[:40]!r}); delete that line "
+                                f"(sed -i '{number}d' {part}) and rerun: its row is redone") from None
+            yield pos, i
+            pos += len(line)
 
 
 def written_indices(parts):
     """The row index of every line of the shard files."""
     for part in parts:
-        with open(part, "rb") as f:
-            for line in f:
-                yield _index_of(line)
+        for _, i in _indexed_lines(part):
+            yield i
 
 
 def shard_path(out: Path, dp_rank: int, dp_size: int) -> Path:
@@ -193,13 +203,9 @@ def _line_table(parts, expected: int) -> tuple:
     part_of = np.full(expected, -1, dtype=np.int32)
     offset = np.zeros(expected, dtype=np.int64)
     for k, part in enumerate(parts):
-        with open(part, "rb") as f:
-            pos = 0
-            for line in f:
-                i = _index_of(line)
-                if i < expected and part_of[i] < 0:  # a row written twice (by two layouts) is the same row
-                    part_of[i], offset[i] = k, pos
-                pos += len(line)
+        for pos, i in _indexed_lines(part):
+            if i < expected and part_of[i] < 0:  # a row written twice (by two layouts) is the same row
+                part_of[i], offset[i] = k, pos
     missing = np.flatnonzero(part_of < 0)
     if len(missing):
         raise RuntimeError(f"{len(missing)} rows missing from the shard files (first: {missing[:5].tolist()})")

@@ -12,9 +12,10 @@ import pytest
 import torch
 import transformers
 
+from megatron_onpolicy.data import DataError
 from megatron_onpolicy.generate.answers import answers_match, final_answer
 from megatron_onpolicy.model.hub import resolve_model_path
-from megatron_onpolicy.outputs import ShardWriter, cut_torn_line, written_indices
+from megatron_onpolicy.outputs import ShardWriter, _line_table, cut_torn_line, written_indices
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +265,20 @@ def test_shard_writer_cuts_a_torn_line(tmp_path):
     part.write_bytes(part.read_bytes() + b'{"index": 2, "row": {"a": "x' + b"y" * 70000)  # torn past 64 KiB
     cut_torn_line(part)
     assert list(written_indices([part])) == [0, 1]
+
+
+
+def test_a_line_that_is_no_row_is_named_not_skipped(tmp_path):
+    """A node lost mid-write can leave zero-filled pages before a later line's newline: the resume
+    and the merge stop at that line, by file and line number, rather than take the file's other
+    rows as all there is."""
+    part = tmp_path / "x.part"
+    part.write_bytes(b'{"index": 0, "row": {}}\n' + b"\0" * 30 + b'\n{"index": 2, "row": {}}\n')
+    for read in (lambda: list(written_indices([part])), lambda: _line_table([part], 3)):
+        with pytest.raises(DataError, match=rf"{part}:2: not a row .*sed -i '2d'"):
+            read()
+    subprocess.run(["sed", "-i", "2d", str(part)], check=True)  # as the error says
+    assert list(written_indices([part])) == [0, 2]
 
 
 def test_final_answer_extraction():
