@@ -79,9 +79,8 @@ def chunk_rows(n_cols: int, dim: int, chunk_size: int = None, buffers: int = 2) 
 @functools.cache
 def _mm_into_fp32(device) -> bool:
     """Whether torch multiplies bf16 matrices into fp32 on this device (`mm` with `out_dtype`,
-    fp32 accumulation and output) and adds them to an fp32 matrix (`addmm`, as `_add_grads` does:
-    torch before 2.10 wants `self` in the operands' dtype). CUDA has the kernels; the CPU has none
-    (torch 2.13)."""
+    fp32 accumulation and output) and adds them to an fp32 matrix (`addmm`, as `_add_grads` does).
+    CUDA has the kernels; the CPU has none (torch 2.13)."""
     x = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
     out = torch.zeros(1, 1, device=device)
     try:
