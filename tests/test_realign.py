@@ -267,7 +267,6 @@ def test_shard_writer_cuts_a_torn_line(tmp_path):
     assert list(written_indices([part])) == [0, 1]
 
 
-
 def test_a_line_that_is_no_row_is_named_not_skipped(tmp_path):
     """A node lost mid-write can leave zero-filled pages before a later line's newline: the resume
     and the merge stop at that line, by file and line number, rather than take the file's other
