@@ -1,9 +1,13 @@
-"""tools/evaluate.py: answer grading, pass@k, T = 1 vs T = 3 on the real model, a killed run resumed."""
+"""tools/evaluate.py: answer grading, pass@k, T = 1 vs T = 3 on the real model, a killed run resumed, a
+signalled run stopped for requeue."""
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,9 @@ import transformers
 
 from megatron_onpolicy.generate.answers import answers_match, final_answer, normalize
 from megatron_onpolicy.model.hub import resolve_model_path
+from megatron_onpolicy.preempt import REQUEUE_EXIT
 from tests.dist_utils import free_port
-from tests.test_realign import kill_a_rank, tiny_model  # noqa: F401 (a fixture)
+from tests.test_realign import complete_lines, kill_a_rank, tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
@@ -188,6 +193,42 @@ def test_killed_run_resumes_without_redoing_or_losing_rows(tiny_model, tmp_path)
     assert not list(out.parent.glob("*.part-*")) and not list(out.parent.glob("*.settings.json"))
     summary = json.loads(out.with_name("out.summary.json").read_text())
     assert summary["rows"] == len(rows) and "pass@2" in summary
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_its_batch_for_requeue(tiny_model, tmp_path):  # noqa: F811
+    """SIGTERM to rank 0 alone (as SLURM's preemption or --signal=B:USR1 reaches the tasks): both
+    ranks agree at the next batch, finish no more than the batch in progress, exit with the
+    status the sbatch scripts requeue on, and the rerun continues from the rows written (the tool
+    was killed by the signal, before it took one)."""
+    rows = [dict(r, id=i) for i, r in enumerate(read_jsonl(ROOT / "data" / "math_sft.jsonl")[:24])]
+    data, out = tmp_path / "data.jsonl", tmp_path / "eval" / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [TOOL, "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--max-new-tokens", "48",
+            "--batch-size", "1", "--temperature", "1"]
+    port, log = free_port(), tmp_path / "rank0.log"
+    ranks = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log if r == 0 else os.devnull, "w"),
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    deadline = time.time() + 300
+    while complete_lines(out.parent) < 2:
+        assert all(p.poll() is None for p in ranks) and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    ranks[0].send_signal(signal.SIGTERM)
+    at_signal = complete_lines(out.parent)
+    assert [p.wait(timeout=300) for p in ranks] == [REQUEUE_EXIT] * 2, log.read_text()[-3000:]
+    assert "evaluate: stopped on signal SIGTERM" in log.read_text()
+    parts = list(out.parent.glob("*.part-*"))
+    assert all(part.read_bytes().endswith(b"\n") for part in parts)  # stopped between rows, none torn
+    done = complete_lines(out.parent)
+    assert at_signal <= done <= at_signal + 2 < len(rows)  # at most the batch in progress, per group
+
+    second = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming: {done} rows already done" in second.stdout
+    assert [r["id"] for r in read_jsonl(out)] == list(range(len(rows)))
 
 
 def test_a_checkpoint_is_evaluated_from_its_own_export(tiny_model, tmp_path):  # noqa: F811

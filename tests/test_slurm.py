@@ -5,7 +5,9 @@
     from its checkpoint to the same per-iteration losses as an uninterrupted torchrun run (which
     also shows srun and torchrun start the same job with the same iteration-1 loss);
 (b) a 2-task realignment job cancelled mid-run (`scancel`: SIGTERM to every task) and resubmitted
-    with 1 task writes every row exactly once, equal to an uninterrupted run's.
+    with 1 task writes every row exactly once, equal to an uninterrupted run's;
+(c) a 2-task evaluation job warned with USR1 stops after its batch, requeues itself, and the
+    requeued job writes the rows left, every row once.
 
 `make test-slurm` installs SLURM and runs this module; without SLURM installed it is skipped,
 unless REQUIRE_SLURM=1 (as `make test-slurm` sets)."""
@@ -28,9 +30,9 @@ if not slurm_cluster.installed():
     pytest.skip("SLURM is not installed (make test-slurm installs it)", allow_module_level=True)
 
 ITERS = 10
-# Rows the realignment job works through: enough that it cannot finish between its first written
+# Rows the tools' jobs work through: enough that one cannot finish between its first written
 # row and the scancel (with 6 rows of the tiny model it once did, and left no shard to resume from).
-REALIGN_ROWS = 64
+TOOL_ROWS = 64
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def slurm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     rows = (ROOT / "data" / "math_sft.jsonl").read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(rows[:32]))
-    (tmp / "rows.jsonl").write_text("".join(rows[:REALIGN_ROWS]))
+    (tmp / "rows.jsonl").write_text("".join(rows[:TOOL_ROWS]))
     s = SimpleNamespace(tmp=tmp, model=make_tiny_model(tmp / "tiny", layers=2), train=tmp / "train.jsonl",
                         rows=tmp / "rows.jsonl")
     with slurm_cluster.cluster(tmp / "cluster") as env:
@@ -116,7 +118,7 @@ def test_cancelled_realignment_resubmitted_on_fewer_tasks_writes_every_row_once(
     subprocess.run(["scancel", job], env=s.env, check=True)
     wait_for(lambda: job_state(s, job) == "", "the cancelled job to end", s)
     written = [json.loads(line)["index"] for p in shards.glob("*.part-*") for line in open(p)]
-    assert len(written) == len(set(written)) and 1 <= len(written) < REALIGN_ROWS, written
+    assert len(written) == len(set(written)) and 1 <= len(written) < TOOL_ROWS, written
     assert not (out / "realigned.jsonl").exists()
 
     job2 = sbatch(s, "realign.sbatch", 1, *flags, "--out-dir", out)
@@ -133,3 +135,26 @@ def test_cancelled_realignment_resubmitted_on_fewer_tasks_writes_every_row_once(
         assert b["realigned"] == a["realigned"]
         assert b["avg_phi_realigned"] == pytest.approx(a["avg_phi_realigned"], rel=1e-6)
     assert not list(shards.glob("*.part-*"))
+
+
+def test_warned_evaluation_requeues_itself_and_writes_every_row_once(slurm):
+    s = slurm
+    out = s.tmp / "eval" / "out.jsonl"
+    job = sbatch(s, "evaluate.sbatch", 2, "--model", s.model, "--data", s.rows, "--out", out, "--max-new-tokens", 16,
+                 "--batch-size", 1, "--temperature", 0.3)
+    wait_for(lambda: sum(1 for p in out.parent.glob("*.part-*") for _ in open(p)) >= 1, "an evaluated row", s)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=s.env, check=True)
+    wait_for(lambda: job_state(s, job) == "PENDING", "the requeue", s)
+    written = [json.loads(line)["index"] for p in out.parent.glob("*.part-*") for line in open(p)]
+    assert len(written) == len(set(written)) and 1 <= len(written) < TOOL_ROWS, written
+    time.sleep(2)  # see the training job's test: a requeued job's credential needs a later second
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=s.env, check=True)
+    wait_for(lambda: job_state(s, job) == "", "the requeued job to finish", s, timeout=600)
+
+    log = (s.tmp / f"evaluate-{job}.out").read_text()
+    assert "stopped on signal SIGUSR1" in log and "the step saved and asked to be requeued" in log, log[-3000:]
+    assert "restart 1" in log and f"resuming: {len(written)} rows already done" in log, log[-3000:]
+    rows = [json.loads(line) for line in open(s.rows)]
+    assert [r["prompt"] for r in map(json.loads, open(out))] == [r["prompt"] for r in rows]  # once each, in order
+    assert json.loads(out.with_name("out.summary.json").read_text())["rows"] == TOOL_ROWS
+    assert not list(out.parent.glob("*.part-*"))

@@ -8,7 +8,8 @@
 Each row's question (plain chat prompt, as in training) gets K completions; the final answer of
 each (generate/answers.py) is compared with the row's reference answer. Rows are sharded over the
 N / T data-parallel groups, each streaming its share --window rows at a time (data/stream.py),
-and flushed per row, so a restarted run skips the rows already done.
+and flushed per row, so a restarted run skips the rows already done. On SIGTERM or SIGUSR1
+(launch/slurm/evaluate.sbatch) every group finishes its batch and all exit with status 75.
 OUT.jsonl: the row's fields plus `completions`, `extracted`, `correct`, `end_reasons`, `num_tokens`
 and `ddt` (the DDT statistics of each completion under the plain prompt; a completion cut by
 length or repetition is scored without EOS). OUT.summary.json: pass@1, unbiased pass@k, mean
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron_onpolicy import cli  # noqa: E402
+from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, RowStream, Sample  # noqa: E402
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
 from megatron_onpolicy.ddt.score import Summary, length_sorted_batches, score_batch  # noqa: E402
@@ -155,6 +156,7 @@ def score_completions(model, prompt_ids, generations, pad_id):
 
 def main():
     args = parse_args()
+    stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = resolve_model(args, out)
@@ -185,11 +187,14 @@ def main():
     bar = tqdm(total=len(stream), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
-        for start in range(0, len(window), args.batch_size):
-            batch = window[start:start + args.batch_size]
+        batches = [window[start:start + args.batch_size] for start in range(0, len(window), args.batch_size)]
+        for batch in preempt.in_lockstep(batches, cli.device()):
+            stop.exit_if_agreed(cli.device(), "evaluate", f"finished rows are in {out}.part-*")
+            if not batch:
+                continue
             batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
-            gens = generate(model, batch_prompts, params, batch_generator(args.seed, [i for i, *_ in batch], cli.device()),
-                            cuda_graph=args.cuda_graph)
+            gens = generate(model, batch_prompts, params,
+                            batch_generator(args.seed, [i for i, *_ in batch], cli.device()), cuda_graph=args.cuda_graph)
             ddt = score_completions(model, batch_prompts, gens, pad)
             for j, (i, source, _, answer) in enumerate(batch):
                 mine = gens[j * k:(j + 1) * k]
