@@ -231,6 +231,18 @@ def test_a_signal_to_one_rank_stops_every_rank_after_its_batch_for_requeue(tiny_
     assert [r["id"] for r in read_jsonl(out)] == list(range(len(rows)))
 
 
+def test_a_prompt_the_tokenizer_refuses_is_named(tiny_model, tmp_path):  # noqa: F811
+    """A lone surrogate is valid JSON that no tokenizer encodes: the row's error names its file, line
+    and field (it was the tokenizer's bare TypeError on the rank holding the row, and the other
+    ranks waited in the window's agreement)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1 + 1?", "answer": "2"}\n{"prompt": "a\\ud800", "answer": "2"}\n')
+    run = subprocess.run([sys.executable, TOOL, "--model", str(tiny_model), "--data", str(data),
+                          "--out", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"evaluate: error: {data}:2: field 'prompt': the tokenizer or chat template failed (TypeError" in run.stderr
+
+
 def test_a_checkpoint_is_evaluated_from_its_own_export(tiny_model, tmp_path):  # noqa: F811
     """--load: OUT.hf/ is exported from the checkpoint asked for, and reused only for that one (it
     was reused whatever --load and --tag said, so a later checkpoint was evaluated as an earlier)."""

@@ -35,6 +35,7 @@ from tqdm import tqdm  # noqa: E402
 from megatron_onpolicy import cli, preempt  # noqa: E402
 from megatron_onpolicy.data import DataError, RowStream, Sample  # noqa: E402
 from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.data.tokenization import on_row  # noqa: E402
 from megatron_onpolicy.ddt.score import Summary, length_sorted_batches, score_batch  # noqa: E402
 from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
 from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: E402
@@ -182,7 +183,7 @@ def main():
     def prepare(i, row):  # validates the row
         question, answer = question_and_answer(row, args)
         check_writable(row.data, row.source)  # the output row copies every field
-        return i, row, plain_prompt_ids(tokenizer, question), answer
+        return i, row, on_row(row.source, args.prompt_key, plain_prompt_ids, tokenizer, question), answer
 
     bar = tqdm(total=len(stream), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)

@@ -37,14 +37,14 @@ def tokenize_row(tokenizer, row: dict, source: str, index: int, prompt_key="prom
     response = _text(row, response_key, source)
     if not response.strip():
         raise DataError(f"{source}: field '{response_key}': empty response")
-    prompt_ids = _call(source, prompt_key, chat_ids, tokenizer, [{"role": "user", "content": prompt}], True)
-    response_ids = _call(source, response_key, lambda: list(tokenizer(response, add_special_tokens=False).input_ids))
+    prompt_ids = on_row(source, prompt_key, chat_ids, tokenizer, [{"role": "user", "content": prompt}], True)
+    response_ids = on_row(source, response_key, lambda: list(tokenizer(response, add_special_tokens=False).input_ids))
     response_ids += [tokenizer.eos_token_id] * eos
     return Sample(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids),
                   len(prompt_ids), index)
 
 
-def _call(source: str, field: str, fn, *args):
+def on_row(source: str, field: str, fn, *args):
     """A tokenizer or chat-template call on one row's text: its failure (text the tokenizer cannot
     encode, such as a lone surrogate that JSON allows; a template's own raise_exception) is the
     row's DataError, so the run names the row rather than dying with the library's error."""
@@ -73,7 +73,7 @@ def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str, e
             raise DataError(f"{source}: field '{key}[{i}]' must be an object, got {type(m).__name__}")
         _text(m, "role", source, f"{key}[{i}].")
         _text(m, "content", source, f"{key}[{i}].")
-    ids = _call(source, key, chat_ids, tokenizer, messages, False)
+    ids = on_row(source, key, chat_ids, tokenizer, messages, False)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -82,8 +82,8 @@ def _tokenize_messages(tokenizer, messages, source: str, index: int, key: str, e
             raise DataError(f"{source}: field '{key}[{i}].content': empty response")
         if i == 0:
             raise DataError(f"{source}: field '{key}[0]': an assistant turn with no turn before it to answer")
-        before = _call(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i], True)
-        after = _call(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i + 1], False)
+        before = on_row(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i], True)
+        after = on_row(source, f"{key}[{i}]", chat_ids, tokenizer, messages[:i + 1], False)
         # Both must be prefixes of the whole conversation, or the turn's tokens are not where the
         # model sees them in training (a template that rewrites earlier turns, or a merge across
         # the boundary by the tokenizer).
