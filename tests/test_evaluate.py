@@ -70,6 +70,9 @@ GRADING = [  # (solution text, reference answer, graded correct)
     ("\\boxed{3/0}", "3/0", True),                          # ... so compared as text
     ("\\boxed{\\frac{1}{0}}", "\\frac{1}{0}", True),
     ("\\boxed{\\frac{1}{0}}", "1", False),
+    ("The answer is " + "7" * 5000, "5", False),              # past Python's int <-> str limit: no crash
+    ("\\boxed{" + "7" * 5000 + "}", "7" * 5000, True),         # ... compared as text
+    ("\\boxed{1/" + "3" * 5000 + "}", "1/" + "3" * 5000, True),
 ]
 
 

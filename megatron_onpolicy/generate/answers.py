@@ -41,8 +41,15 @@ def final_answer(text: str):
     return numbers[-1] if numbers else None
 
 
+# Longer is compared as text: a degenerate generation's run of digits would otherwise reach Python's
+# limit on int <-> str conversion (4300 digits) and stop the tool on that row at every restart.
+MAX_NUMBER_CHARS = 1000
+
+
 def _value(s: str):
     """The exact value of a plain number or fraction (thousands commas allowed), else None."""
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
     m = _FRAC.fullmatch(s)
     if m:
         s = f"{m.group(1)}({m.group(2) or m.group(3)})/({m.group(4) or m.group(5)})"
