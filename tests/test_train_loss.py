@@ -57,6 +57,19 @@ def test_fused_loss_reads_loss_tokens_only(kind):
     assert fused[5] > 0 and fused[5] * 3 * B * L == run(True, kind, weight, everything)[5] * 2 * 12
 
 
+
+def test_validation_keeps_no_tokens():
+    """The histograms' tokens are training's: validation's micro-batches (the whole validation
+    set's, at each evaluation) add their sums but keep no per-token values."""
+    fn = TrainLoss("idft", IDFTConfig(), None, V, keep_tokens=True)
+    weight = torch.randn(V, D, generator=torch.Generator().manual_seed(9))
+    fn.evaluating = True
+    for fused in (True, False):
+        hidden, targets, mask = batch(int(fused))
+        fn((hidden, weight) if fused else F.linear(hidden, weight), (targets, mask))
+    assert fn.phi == fn.gamma == [] and fn.sums[SUMS.index("tokens")] == 2 * 12
+
+
 def collated_cases():
     """Micro-batches as data.collate builds them: prompt positions keep their real targets (the
     next prompt token) with loss mask 0, only padding has -100. 12 loss tokens each; hidden

@@ -67,6 +67,8 @@ class TrainLoss:
         sums = torch.stack([*per_kind, keep.sum().float(), total(phi), total(phi * phi), total(gamma),
                             (keep & (phi < -1)).sum().float()]).double()
         self.sums = sums if self.sums is None else self.sums + sums
-        if self.keep_tokens:
+        # Not validation's tokens: the histograms are of training's, and a validation set's would
+        # only pile up in device memory until the next iteration.
+        if self.keep_tokens and not self.evaluating:
             self.phi.append((phi.float(), keep))
             self.gamma.append((gamma.float(), keep))
