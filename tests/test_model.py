@@ -222,6 +222,26 @@ def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "c"
 
 
+
+def test_a_conversion_finished_elsewhere_first_is_kept(tmp_path):
+    """Two nodes converting the same GGUF file (a lock that does not span nodes): the second one's
+    folder is dropped for the first's, not a crash on renaming onto it (ENOTEMPTY)."""
+    from megatron_onpolicy.model.hub import _publish
+
+    first, second, out = tmp_path / "a", tmp_path / "b", tmp_path / "model"
+    for folder, text in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    _publish(first, out)
+    _publish(second, out)
+    assert (out / "config.json").read_text() == "first" and not first.exists() and not second.exists()
+    (out / "config.json").rename(out / "notes.txt")  # a folder there that is no conversion: not taken for one
+    second.mkdir()
+    (second / "config.json").write_text("second")
+    with pytest.raises(OSError):
+        _publish(second, out)
+
+
 def _gather_grad_worker(rank, world):
     """TP groups {0, 1} and {2, 3}: a rank's place in its group is not its global rank."""
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes every group

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -73,5 +74,16 @@ def _gguf_to_folder(gguf: Path) -> Path:
                 del config.quantization_config
             config.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-            os.rename(tmp, out)
+            _publish(tmp, out)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """tmp -> out, unless another node's converter got there first (the lock need not span nodes:
+    Lustre's localflock, BeeGFS): its folder, the same bytes, stays; renaming onto it would fail."""
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
