@@ -2,6 +2,7 @@
 user errors into one clear line and a non-zero exit."""
 import argparse
 import os
+import socket
 import sys
 
 import torch
@@ -111,11 +112,17 @@ def first_error(message):
 
 def run(main, prog: str, user_errors: tuple = ()) -> None:
     """Run `main()`; a user error (USER_ERRORS, plus the tool's own `user_errors`) becomes
-    `prog: error: ...` on stderr (once) and exit code 2."""
+    `prog: error: ...` on stderr and exit code 2: once, from rank 0, where every rank raises it
+    alike (an error's `every_rank`); else from each rank that has it, named."""
     try:
         main()
     except USER_ERRORS + user_errors as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        elif not getattr(e, "every_rank", False):
+            # Perhaps this rank's alone (a file its node lacks): rank 0 may be waiting in a
+            # collective, and the launcher stops it without a word.
+            print(f"{prog}: error on rank {rank} ({socket.gethostname()}): {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # skip teardown: the other ranks may be blocked in a collective

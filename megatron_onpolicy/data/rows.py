@@ -11,7 +11,12 @@ PARQUET_BATCH = 1024  # rows a Parquet reader decodes at a time (only the wanted
 
 
 class DataError(ValueError):
-    """Bad input data. The message is one line: `file:line: what is wrong`."""
+    """Bad input data. The message is one line: `file:line: what is wrong`. every_rank: raised
+    alike by every rank, once they agreed on it (reported once, see cli.run)."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 @dataclass

@@ -52,4 +52,4 @@ def _agree(error, device) -> None:
     if failed.item():
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, error)
-        raise DataError(next(m for m in found if m))
+        raise DataError(next(m for m in found if m), every_rank=True)

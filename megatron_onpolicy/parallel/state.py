@@ -18,7 +18,7 @@ _NODE_RANK = None  # the launcher's LOCAL_RANK, before init_distributed makes it
 
 
 class ParallelLayoutError(ValueError):
-    pass
+    every_rank = True  # from the flags and the world size alone (see cli.run)
 
 
 def init_distributed(timeout_minutes: float = 10) -> None:

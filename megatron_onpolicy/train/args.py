@@ -16,6 +16,7 @@ from .recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, check_recompu
 class TrainConfigError(ValueError):
     """Batch sizes, schedule, DeepSpeed config or checkpoint settings that cannot work together
     (a user error: the entry points hand it to cli.run, which reports it as one line)."""
+    every_rank = True  # from the flags and the checkpoint's settings, alike on every rank
 
 
 def build_parser() -> argparse.ArgumentParser:

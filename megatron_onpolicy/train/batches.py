@@ -14,6 +14,7 @@ stage's are placeholders it never touches."""
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,29 +91,30 @@ def cached(path, tokenizer, tokenizer_folder, args) -> str:
     """A raw file's indexed dataset in the cache, keyed by the file (path, size, mtime), the
     tokenizer and the settings. Local rank 0 of each node writes it (atomically: a crash leaves
     nothing that reads as complete), every rank waits for it; an error in the data is raised on
-    every rank."""
+    every rank (also a file some node lacks: the others would wait for it in a collective)."""
     src = Path(path)
+    prefix = error = None
     if not src.exists():
-        raise DataError(f"{src}: no such file or folder")
-    settings = Settings(args.prompt_key, args.response_key, args.seq_length, args.overlong, args.pack)
-    files = sorted(src.rglob("*")) if src.is_dir() else [src]
-    stamp = [(str(f.relative_to(src)) if src.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns)
-             for f in files if f.is_file()]
-    ident = tokenizer_identity(tokenizer)
-    key = json.dumps([str(src.resolve()), stamp, ident["hash"], ident["chat_template_sha256"],
-                      settings.__dict__, VERSION])
-    prefix = data_cache_dir() / f"{src.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    error = None
-    if state.node_local_rank() == 0 and not paths(prefix)[2].is_file():
-        # the cores this process may use (SLURM's allocation), not the whole machine's
-        workers = len(os.sched_getaffinity(0)) if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
-        try:
-            preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
-        except DataError as e:
-            error = str(e)
+        error = f"{src}: no such file or folder (on {socket.gethostname()})"
+    else:
+        settings = Settings(args.prompt_key, args.response_key, args.seq_length, args.overlong, args.pack)
+        files = sorted(src.rglob("*")) if src.is_dir() else [src]
+        stamp = [(str(f.relative_to(src)) if src.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in files if f.is_file()]
+        ident = tokenizer_identity(tokenizer)
+        key = json.dumps([str(src.resolve()), stamp, ident["hash"], ident["chat_template_sha256"],
+                          settings.__dict__, VERSION])
+        prefix = data_cache_dir() / f"{src.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        if state.node_local_rank() == 0 and not paths(prefix)[2].is_file():
+            # the cores this process may use (SLURM's allocation), not the whole machine's
+            workers = len(os.sched_getaffinity(0)) if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
+            try:
+                preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
+            except DataError as e:
+                error = str(e)
     error = cli.first_error(error)  # also the barrier: the cache is complete once every rank is past it
     if error:
-        raise DataError(error)
+        raise DataError(error, every_rank=True)
     return str(prefix)
 
 
