@@ -110,6 +110,23 @@ def first_error(message):
     return next((m for m in found if m), None)
 
 
+def decided_by_rank_0(decide):
+    """decide() on rank 0 alone, and its result on every rank (its error raised on every rank
+    alike): for choices made from files that ranks on other nodes could see otherwise (a file
+    system's caches), or that send some ranks into collectives the others would skip."""
+    decided = [None]
+    if dist.get_rank() == 0:
+        try:
+            decided = [decide()]
+        except Exception as e:  # the others would wait for the decision
+            decided = [e]
+    dist.broadcast_object_list(decided, src=0)
+    if isinstance(decided[0], Exception):
+        decided[0].every_rank = True  # (run)
+        raise decided[0]
+    return decided[0]
+
+
 def run(main, prog: str, user_errors: tuple = ()) -> None:
     """Run `main()`; a user error (USER_ERRORS, plus the tool's own `user_errors`) becomes
     `prog: error: ...` on stderr and exit code 2: once, from rank 0, where every rank raises it

@@ -28,7 +28,7 @@ from megatron_onpolicy.train.args import parse_args
 from megatron_onpolicy.train.export import plan_files
 from megatron_onpolicy.train.metrics import MetricsLog
 from megatron_onpolicy.train.optim import lr_at, make_optimizer, make_scheduler
-from tests.dist_utils import free_port, one_process_group
+from tests.dist_utils import free_port, one_process_group, run_distributed
 from tests.train_utils import ROOT, launch, make_tiny_model, read_metrics
 
 KINDS = ("ce", "dft", "idft")
@@ -165,6 +165,37 @@ def test_keep_last_never_removes_the_checkpoint_just_saved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
     checkpoint._prune(tmp_path, None, 11)  # no --keep-last: every complete checkpoint stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000010"]
+
+
+def _resume_points(rank, world, views):
+    """Each rank's resume point from its own view (--save, --load) of the file system."""
+    try:
+        point = checkpoint.resume_point(*views[rank])
+    except FileNotFoundError as e:
+        point = (str(e), getattr(e, "every_rank", False))
+    found = [None] * world
+    torch.distributed.all_gather_object(found, point)
+    return found
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path):
+    """Nodes whose file systems disagree (one still shows an older `latest`; one shows no checkpoint
+    in --save at all) load what rank 0 found; each rank chose for itself before, so those loaded
+    another iteration, or started afresh beside ranks that resumed."""
+    for name, latest in (("newer", "iter_0000002"), ("older", "iter_0000001")):
+        for tag in ("iter_0000001", "iter_0000002"):
+            (tmp_path / name / tag).mkdir(parents=True)
+            (tmp_path / name / tag / checkpoint.MARKER).write_text("{}")
+        (tmp_path / name / "latest").write_text(latest)
+    (tmp_path / "empty").mkdir()
+    newer, older, empty = (str(tmp_path / name) for name in ("newer", "older", "empty"))
+    point = (newer, "iter_0000002")
+    assert run_distributed(_resume_points, 2, [(newer, None), (older, None)]) == [point, point]
+    assert run_distributed(_resume_points, 2, [(newer, None), (empty, None)]) == [point, point]
+    assert run_distributed(_resume_points, 2, [(empty, newer), (empty, older)]) == [point, point]
+    assert run_distributed(_resume_points, 2, [(empty, None), (newer, None)]) == [(None, None)] * 2
+    gone = f"--load {tmp_path / 'gone'}: no such folder"  # rank 0's error, raised on every rank alike
+    assert run_distributed(_resume_points, 2, [(empty, str(tmp_path / "gone")), (empty, newer)]) == [(gone, True)] * 2
 
 
 def test_a_save_is_on_disk_before_latest_names_it_and_a_crash_leaves_the_one_before(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from .. import cli
 from ..outputs import fsync_file, replace_dir, write_json_atomic, write_text_atomic
 from .args import TrainConfigError
 from .batches import Position
@@ -77,6 +78,22 @@ def has_complete(folder) -> bool:
     return latest.is_file() and (Path(folder) / latest.read_text().strip() / MARKER).is_file()
 
 
+def resume_point(save, load) -> tuple:
+    """(folder, tag) the run continues from, or (None, None): --save's newest checkpoint once it has
+    one (a requeued job continues from its own: were --load to win, every requeue of `--load A
+    --save B` would start again from A and redo B's iterations), else --load's. Rank 0 decides and
+    every rank loads that one: a node whose file system still showed an older `latest` would
+    otherwise load another iteration, or start afresh beside ranks that resume."""
+    def decide():
+        folder = save if save and has_complete(save) else load
+        return (str(folder), read_checkpoint(folder)[0]) if folder else (None, None)
+
+    folder, tag = cli.decided_by_rank_0(decide)
+    if folder:
+        read_checkpoint(folder, tag)  # every rank sees it complete (a node-local folder may lack it)
+    return folder, tag
+
+
 def read_checkpoint(folder, tag=None) -> tuple[str, dict]:
     """(tag, complete.json contents) of checkpoint `tag` in `folder`, by default the latest."""
     folder = Path(folder)
@@ -120,16 +137,17 @@ def check_settings(saved: dict, meta: dict, where: str) -> None:
         raise TrainConfigError(f"{where} cannot continue exactly with this run's settings: " + ", ".join(changed))
 
 
-def load(engine, folder, meta: dict) -> tuple[int, Position]:
+def load(engine, folder, tag: str, meta: dict) -> tuple[int, Position]:
     """Restore the engine (weights, optimizer, lr schedule), RNG states; -> (iteration, position)."""
-    tag, saved = read_checkpoint(folder)
+    tag, saved = read_checkpoint(folder, tag)
     check_settings(saved, meta, f"--load {folder}/{tag}")
     # Another DP size: ZeRO-1/2 states are re-cut here; ZeRO-0 fp32 holds whole states on every
     # rank (DeepSpeed loads them at any DP), DeepSpeed's bf16 optimizer partitions its own.
     elastic = saved["data_parallel_size"] != meta["data_parallel_size"] and engine.zero_optimization_stage() > 0
     if saved["data_parallel_size"] != meta["data_parallel_size"] and not elastic and engine.bfloat16_enabled():
-        raise TrainConfigError(f"--load {folder}/{tag}: a bf16 run changes its data-parallel size "
-                               f"({saved['data_parallel_size']} -> {meta['data_parallel_size']}) only under ZeRO stage 1 or 2")
+        change = f"{saved['data_parallel_size']} -> {meta['data_parallel_size']}"
+        raise TrainConfigError(f"--load {folder}/{tag}: a bf16 run changes its data-parallel size ({change}) "
+                               f"only under ZeRO stage 1 or 2")
     with torch.no_grad():  # DeepSpeed re-broadcasts tied weights in place after loading them
         # DeepSpeed refuses ZeRO states of another DP size: then weights only, and the rest here.
         path, client = engine.load_checkpoint(str(folder), tag, load_module_only=elastic)

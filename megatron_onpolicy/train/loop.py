@@ -33,15 +33,11 @@ def train(args) -> None:
     cli.start(tp, pp, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     ds_config = build_ds_config(args, dp, pp)
-    if args.save and checkpoint.has_complete(args.save):
-        # A requeued or resubmitted job continues from its own newest checkpoint: were --load to win,
-        # every requeue of `--load A --save B` would start again from A and redo B's iterations.
-        if args.load and Path(args.load).resolve() != Path(args.save).resolve() and dist.get_rank() == 0:
-            print(f"resuming from --save {args.save}, which holds this run's newest checkpoint, "
-                  f"not --load {args.load}", flush=True)
-        args.load = args.save
-    if args.load:
-        checkpoint.read_checkpoint(args.load)  # a missing checkpoint fails now, before any work
+    load, tag = checkpoint.resume_point(args.save, args.load)  # a missing checkpoint fails now, before any work
+    if load and args.load and Path(load).resolve() != Path(args.load).resolve() and dist.get_rank() == 0:
+        print(f"resuming from --save {args.save}, which holds this run's newest checkpoint, "
+              f"not --load {args.load}", flush=True)
+    args.load = load
     stopper = preempt.Stop(preempt.SIGNALS if args.exit_signal_handler else (), args.exit_duration_in_mins) \
         if args.exit_signal_handler or args.exit_duration_in_mins is not None else None
     seed_model_parallel(args.seed)
@@ -75,7 +71,7 @@ def train(args) -> None:
     optimizer = make_optimizer(pipe, args)
     engine = make_engine(pipe, ds_config, optimizer, make_scheduler(optimizer, args, total))
     meta = checkpoint.run_settings(args, model_name(args.model), (tp, pp, dp), ds_config, train_data, total)
-    start, position = checkpoint.load(engine, args.load, meta) if args.load else (0, batches.start())
+    start, position = checkpoint.load(engine, args.load, tag, meta) if args.load else (0, batches.start())
     if start >= total and dist.get_rank() == 0:
         print(f"nothing to train: {args.load} is at iteration {start} of --train-iters {total}", flush=True)
 
