@@ -275,6 +275,39 @@ def test_a_checkpoint_is_evaluated_from_its_own_export(tiny_model, tmp_path):  #
     assert weights[2][0] == weights[1][0]  # the same checkpoint: the export reused
 
 
+def test_a_restart_without_tag_continues_with_the_checkpoint_of_its_rows(tiny_model, tmp_path):  # noqa: F811
+    """--load without --tag, stopped for requeue while training's `latest` moves on: the rerun
+    continues with the checkpoint its rows were made with (it took the new latest, and its own
+    settings check refused the rows so far: status 2, never finished)."""
+    from tests.train_utils import launch
+
+    rows = read_jsonl(ROOT / "data" / "math_sft.jsonl")[:16]
+    data, run, out = tmp_path / "data.jsonl", tmp_path / "run", tmp_path / "eval" / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = launch(0, "--model", tiny_model, "--train-data", data, "--seq-length", 128, "--micro-batch-size", 2,
+                     "--global-batch-size", 2, "--train-iters", 2, "--save-interval", 1, "--save", run,
+                     "--deepspeed_config", ROOT / "ds_configs" / "zero0_fp32.json")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run / "latest").write_text("iter_0000001")  # as it was before training saved iteration 2
+    cmd = [sys.executable, TOOL, "--load", str(run), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
+           "--batch-size", "1"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while complete_lines(out.parent) < 1:
+        assert first.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == REQUEUE_EXIT, first.stderr.read()[-3000:]
+    assert complete_lines(out.parent) < len(rows)
+    (run / "latest").write_text("iter_0000002")
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "continuing with iter_0000001" in second.stdout
+    assert json.loads(out.with_name("out.hf").joinpath("exported_from.json").read_text())["tag"] == "iter_0000001"
+    assert len(read_jsonl(out)) == len(rows)
+
+
 @pytest.mark.parametrize("argv, error", [(["--load", "run", "--model", "m"], "give --model or --load, not both"),
                                          (["--tag", "iter_0000010"], "--tag needs --load")])
 def test_a_model_is_given_one_way(argv, error, capsys):

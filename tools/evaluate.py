@@ -15,9 +15,10 @@ and `ddt` (the DDT statistics of each completion under the plain prompt; a compl
 length or repetition is scored without EOS). OUT.summary.json: pass@1, unbiased pass@k, mean
 length, end reasons and the DDT summary of all completions.
 
---load takes a training run's --save folder: its checkpoint (--tag, default the latest) is first
-exported to OUT.hf/ (kept, so a restart for the same checkpoint reuses it), on the layout it was
-saved with. A restart with other settings than the rows so far were made with is an error."""
+--load takes a training run's --save folder: its checkpoint (--tag, default the latest, or on a
+restart the one the rows so far were made with) is first exported to OUT.hf/ (kept, so a restart
+for the same checkpoint reuses it), on the layout it was saved with. A restart with other settings
+than the rows so far were made with is an error."""
 import argparse
 import json
 import math
@@ -43,7 +44,7 @@ from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import (check_no_clash, check_writable, merge_shards, open_shards,  # noqa: E402
-                                       read_jsonl, write_json_atomic)
+                                       read_jsonl, settings_path, write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(p)
     p.add_argument("--load", help="a training run's --save folder (instead of --model)")
-    p.add_argument("--tag", help="with --load: the checkpoint (default: the latest)")
+    p.add_argument("--tag", help="with --load: the checkpoint (default: the latest; on a restart, the rows' own)")
     p.add_argument("--data", required=True, help="JSONL, Parquet or a datasets folder")
     p.add_argument("--out", required=True, help="output JSONL (OUT.summary.json is written beside it)")
     p.add_argument("--prompt-key", default="prompt")
@@ -127,19 +128,33 @@ def question_and_answer(row, args):
 def resolve_model(args, out: Path) -> str:
     """The model to evaluate; a checkpoint is exported to OUT.hf/ first (on its own layout), and
     that export is reused only for the same checkpoint. args.tag becomes the tag --load meant
-    then (the latest moves on as training goes on)."""
+    then (the latest moves on as training goes on); without --tag, a restart keeps the tag its
+    rows so far were made with. Rank 0 decides for all: ranks that each read `latest` could pick
+    other checkpoints, and some would skip the export while others wait in its collectives."""
     if not args.load:
         return args.model
     from megatron_onpolicy.train.checkpoint import read_checkpoint
     from megatron_onpolicy.train.export import export_checkpoint
 
-    args.tag = read_checkpoint(args.load, args.tag)[0]
     folder = out.with_name(out.name.removesuffix(".jsonl") + ".hf")
-    source, marker = {"load": str(Path(args.load).resolve()), "tag": args.tag}, folder / EXPORTED_FROM
-    if not (marker.exists() and json.loads(marker.read_text()) == source):
+    marker, load = folder / EXPORTED_FROM, str(Path(args.load).resolve())
+
+    def decide():  # rank 0: -> (tag, whether OUT.hf/ must be exported)
+        tag, settings = args.tag, settings_path(out)
+        before = json.loads(settings.read_text()) if tag is None and settings.exists() else {}
+        if before.get("load") == args.load:  # as row_settings keeps it: the flag as given
+            tag = before["tag"]
+            print(f"--load {args.load}: continuing with {tag}, the checkpoint the rows so far were made with",
+                  flush=True)
+        tag = read_checkpoint(args.load, tag)[0]
+        return tag, not (marker.exists() and json.loads(marker.read_text()) == {"load": load, "tag": tag})
+
+    state.init_distributed(args.distributed_timeout_minutes)
+    args.tag, export = cli.decided_by_rank_0(decide)
+    if export:
         export_checkpoint(args.load, args.tag, folder, timeout_minutes=args.distributed_timeout_minutes)
         if dist.get_rank() == 0:
-            write_json_atomic(marker, source)
+            write_json_atomic(marker, {"load": load, "tag": args.tag})
     return str(folder)
 
 
@@ -194,8 +209,8 @@ def main():
             if not batch:
                 continue
             batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
-            gens = generate(model, batch_prompts, params,
-                            batch_generator(args.seed, [i for i, *_ in batch], cli.device()), cuda_graph=args.cuda_graph)
+            generator = batch_generator(args.seed, [i for i, *_ in batch], cli.device())
+            gens = generate(model, batch_prompts, params, generator, cuda_graph=args.cuda_graph)
             ddt = score_completions(model, batch_prompts, gens, pad)
             for j, (i, source, _, answer) in enumerate(batch):
                 mine = gens[j * k:(j + 1) * k]
