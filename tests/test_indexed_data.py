@@ -393,6 +393,34 @@ def test_a_killed_build_leaves_nothing_behind_the_next_one(setup, tmp_path):
     assert (tmp_path / "x.bin").read_bytes() == (s.tmp / "a.bin").read_bytes()
 
 
+def test_a_worker_that_dies_fails_the_build_naming_its_rows(setup, tmp_path):
+    """A worker killed mid-build (here: a row too long for the memory it may use, so that the tokenizers
+    library aborts the process, as the OOM killer would kill it) fails the build with one line naming the rows
+    it was tokenizing, and no output, rather than waiting forever for that chunk's result."""
+    import resource
+    rows = [json.dumps({"prompt": "q", "response": "word " * n}) for n in (3, 4, 6_000_000, 5, 6)]
+    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")
+    cap = 3 << 29  # 1.5 GiB of heap per process, inherited by the spawned workers; the long row needs more
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "big.jsonl"),
+           "--output-prefix", str(tmp_path / "big"), "--model", str(setup.model), "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=limit_memory, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+        proc.communicate()
+        pytest.fail("the build hangs on a dead worker")
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert proc.returncode == 2 and len(errors) == 1, err[-3000:]
+    assert f"{tmp_path / 'big.jsonl'}: a worker process died tokenizing rows 0-4 (lines 1-5)" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]  # no outputs, no temporary folder
+
+
 def test_a_build_is_on_disk_before_it_takes_its_names(setup, tmp_path, monkeypatch):
     """The .bin and .idx are synced (os.fsync on their inodes) before they are renamed into place,
     and the folder after the sidecar: a node lost a moment later must not leave a .bin zero-filled

@@ -17,6 +17,8 @@ import socket
 import tempfile
 import zlib
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from itertools import islice
 from multiprocessing import get_context
@@ -87,7 +89,7 @@ def preprocess(source, prefix, tokenizer_path, settings: Settings, workers: int 
         args = (str(tokenizer_path), settings, dtype.str)
         with tqdm(total=total, unit="rows", desc=f"preprocess {source.name}", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for result in _map(chunks, args, workers):
+            for result in _map(chunks, args, workers, source):
                 writer.add(result)
                 bar.update(result["rows"])
         if writer.rows == 0:
@@ -199,21 +201,36 @@ def _dataset_rows(ds):
         yield from ds.select(range(start, min(start + CHUNK, len(ds)))).to_list()
 
 
-def _map(chunks, args, workers: int):
+def _map(chunks, args, workers: int, source: Path):
     if workers <= 1:
         _init(*args)
         yield from map(_tokenize_chunk, chunks)
         return
-    # spawn: a fork of a process holding a tokenizer's threads (or torch's) can deadlock.
-    with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
-        # At most 2 chunks per worker in flight (Pool.imap would queue the whole source), taken in order.
-        pending = deque()
+    # spawn: a fork of a process holding a tokenizer's threads (or torch's) can deadlock. An executor,
+    # not multiprocessing.Pool: a worker that dies (the OOM killer, a crash in the tokenizer) breaks it,
+    # where a Pool replaces the worker and waits forever for the result of its chunk.
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init, initargs=args)
+    # (chunk, its future): at most 2 chunks per worker in flight (pool.map would queue the whole source),
+    # taken in input order.
+    pending = deque()
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+            pending.append((chunk, pool.submit(_tokenize_chunk, chunk)))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending[0][1].result()
+                pending.popleft()
         while pending:
-            yield pending.popleft().get()
+            yield pending[0][1].result()
+            pending.popleft()
+    except BrokenProcessPool:
+        # The executor cannot tell which chunk the dead worker held: name the rows of all in flight.
+        held = [c for c, _ in pending] or [chunk]
+        (start, first), (end, last) = held[0], held[-1]
+        lines = f" (lines {first[0][1]}-{last[-1][1]})" if first[0][1] is not None else ""
+        raise DataError(f"{source}: a worker process died tokenizing rows {start}-{end + len(last) - 1}{lines}, "
+                        "e.g. killed for lack of memory, or a crash in the tokenizer") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # an error stops the build now, not after the queue
 
 
 _WORKER = {}
