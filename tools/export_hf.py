@@ -5,7 +5,8 @@
 
 Run it on T x P processes, the layout the checkpoint was saved with (CKPT_DIR/TAG/complete.json
 names it): each rank reads its own stage and shard through DeepSpeed, each stage merges its TP
-shards, rank 0 writes the folder atomically. Default tag: the one `CKPT_DIR/latest` names."""
+shards, rank 0 writes the folder atomically. Default tag: the one `CKPT_DIR/latest` names (read by
+rank 0 for every rank: a run still training may save a newer one while the ranks start)."""
 import argparse
 import os
 import sys

@@ -94,6 +94,9 @@ def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE
                       timeout_minutes: float = 10) -> None:
     """A saved checkpoint -> a Hugging Face folder. Runs on T x P ranks (or a multiple: the
     extra data-parallel replicas idle), the layout the checkpoint was saved with."""
+    state.init_distributed(timeout_minutes)
+    if tag is None:  # rank 0 reads `latest` for all: a training run may save a newer one meanwhile
+        _, tag = checkpoint.resume_point(None, load)
     tag, meta = checkpoint.read_checkpoint(load, tag)
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     folder, arch = load_arch(model or meta["model"])
