@@ -163,8 +163,9 @@ def _run_compiled(kernel, *args):
     try:
         return _compiled(kernel)(*args)
     except torch._dynamo.exc.BackendCompilerFailed as e:
+        cause = f"{type(e.inner_exception).__name__}: {str(e.inner_exception).splitlines()[0]}"
         raise RuntimeError(f"ddt/fused.py: torch.compile could not build the fused loss's {kernel.__name__} kernel "
-                           f"({str(e).splitlines()[0]}); --fused-loss-kernel eager (the trainer, tools/ddt_score.py) "
+                           f"({cause}); --fused-loss-kernel eager (the trainer, tools/ddt_score.py) "
                            "runs the same arithmetic as torch ops") from e
 
 
