@@ -158,6 +158,52 @@ def test_raw_file_cache_is_keyed_by_the_chat_template(setup, tmp_path, monkeypat
     assert IndexedDataset(first).sample(0) != IndexedDataset(second).sample(0)  # the templates really differ
 
 
+def _cache_built_by_one(rank, world, local_ranks, store, cache, model, train, seconds):
+    """cached() on this rank, as node-local rank local_ranks[rank], under a collective timeout of
+    2 s, a build on this rank made to last `seconds` more; -> every rank's (builds, prefix)."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from megatron_onpolicy.train import batches
+
+    dist.destroy_process_group()  # the same world again, with a short timeout
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2))
+    os.environ.update(LOCAL_RANK=str(local_ranks[rank]), MEGATRON_ONPOLICY_DATA_CACHE=cache)
+    builds, preprocess = [], batches.preprocess
+
+    def slow(*a, **k):
+        builds.append(rank)
+        time.sleep(seconds)
+        return preprocess(*a, **k)
+
+    batches.preprocess = slow
+    args = SimpleNamespace(prompt_key="prompt", response_key="response", seq_length=L, overlong="truncate", pack=False)
+    prefix = batches.cached(train, load_tokenizer(model), model, args)
+    found = [None] * world
+    dist.all_gather_object(found, (len(builds), prefix))
+    return found
+
+
+def test_a_raw_file_is_built_once_while_the_others_wait_past_the_collective_timeout(setup, tmp_path):
+    """The ranks that do not build wait for the build on a file lock: a build longer than the
+    collective timeout (here 2 s; --distributed-timeout-minutes) stopped them before. Two nodes
+    on a file system whose locks span them (both ranks their node's first) build it once."""
+    from tests.dist_utils import run_distributed
+
+    s = setup
+    for case, local_ranks in (("one-node", (0, 1)), ("two-nodes", (0, 0))):
+        found = run_distributed(_cache_built_by_one, 2, local_ranks, str(tmp_path / f"{case}.store"),
+                                str(tmp_path / case), str(s.model), str(s.train), 5)
+        (builds, prefix), (other_builds, other_prefix) = found
+        assert builds + other_builds == 1 and prefix == other_prefix, (case, found)
+        ds = IndexedDataset(prefix)
+        assert [ds.sample(i) for i in range(len(ds))] == [tokenize_row(s.tok, r.data, r.source, i)
+                                                          for i, r in enumerate(read_rows(s.train))]
+
+
 def test_a_blend_weighted_3_to_1_draws_3_to_1(setup):
     """--train-data 3 A 1 B: the weights are shares (3/4, 1/4), and the engine is fed 3 items of
     A for each of B: by the greedy rule, exactly 3k and k after 4k items."""

@@ -23,8 +23,7 @@ class ParallelLayoutError(ValueError):
 
 def init_distributed(timeout_minutes: float = 10) -> None:
     """Join the job started by the deepspeed launcher, torchrun, srun or mpirun. timeout_minutes:
-    how long a collective may wait (Megatron's --distributed-timeout-minutes), e.g. for the node's
-    first rank to build the data cache.
+    how long a collective may wait (Megatron's --distributed-timeout-minutes).
 
     deepspeed.comm reads the launcher's environment (deepspeed, torchrun); under an MPI launcher
     (mpirun, mpiexec) DeepSpeed's MPI discovery writes that environment first. An srun step's tasks

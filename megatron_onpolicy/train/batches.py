@@ -11,6 +11,7 @@ batch is therefore the same whatever T, P, DP and m are, and the counts drawn fr
 all a checkpoint needs to resume the same data order. Only the first and last pipeline stages read:
 DeepSpeed loads micro-batches there alone (inputs on the first, labels on the last), so a middle
 stage's are placeholders it never touches."""
+import fcntl
 import hashlib
 import json
 import os
@@ -89,9 +90,9 @@ def load_parts(values: list[str], flag: str, tokenizer, tokenizer_folder, args, 
 
 def cached(path, tokenizer, tokenizer_folder, args) -> str:
     """A raw file's indexed dataset in the cache, keyed by the file (path, size, mtime), the
-    tokenizer and the settings. Local rank 0 of each node writes it (atomically: a crash leaves
-    nothing that reads as complete), every rank waits for it; an error in the data is raised on
-    every rank (also a file some node lacks: the others would wait for it in a collective)."""
+    tokenizer and the settings. The first rank of a node writes it (atomically: a crash leaves
+    nothing that reads as complete) while the others wait (`_build_once`); an error in the data is
+    raised on every rank (also a file some node lacks: the others would wait for it in a collective)."""
     src = Path(path)
     prefix = error = None
     if not src.exists():
@@ -105,17 +106,56 @@ def cached(path, tokenizer, tokenizer_folder, args) -> str:
         key = json.dumps([str(src.resolve()), stamp, ident["hash"], ident["chat_template_sha256"],
                           settings.__dict__, VERSION])
         prefix = data_cache_dir() / f"{src.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        if state.node_local_rank() == 0 and not paths(prefix)[2].is_file():
-            # the cores this process may use (SLURM's allocation), not the whole machine's
-            workers = len(os.sched_getaffinity(0)) if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
-            try:
-                preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
-            except DataError as e:
-                error = str(e)
+
+    def build():
+        # the cores this process may use (SLURM's allocation), not the whole machine's
+        workers = len(os.sched_getaffinity(0)) if sum(s[1] for s in stamp) > RAW_WORKERS_ABOVE else 1
+        try:
+            preprocess(src, prefix, tokenizer_folder, settings, workers, progress=dist.get_rank() == 0)
+        except DataError as e:
+            return str(e)
+
+    error = _build_once(prefix, build) or error
     error = cli.first_error(error)  # also the barrier: the cache is complete once every rank is past it
     if error:
         raise DataError(error, every_rank=True)
     return str(prefix)
+
+
+def _build_once(prefix, build):
+    """build() (-> its error, or None) on the node's first rank, while the node's others wait for it
+    on a file lock rather than in a collective, which gives up after --distributed-timeout-minutes
+    however long a large file takes. Where locks span nodes (NFS; Lustre mounted with flock) one
+    node builds and the others find its files. Every rank calls this (one barrier); prefix None:
+    there is nothing to build. Without locks on the file system, the others wait in the caller's
+    collective."""
+    sidecar, lock, builds = paths(prefix)[2] if prefix else None, None, False
+    if sidecar and not sidecar.is_file():
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{prefix}.lock", "a")
+        builds = state.node_local_rank() == 0 and _flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is not False
+    dist.barrier()  # quick: every node's builder holds the lock before the others ask for it
+    try:
+        if builds:
+            return None if sidecar.is_file() else build()  # (another node may have built it meanwhile)
+        if lock:
+            _flock(lock, fcntl.LOCK_SH)  # until the build holding it, this node's or another's, ends
+        return None
+    finally:
+        if lock:
+            lock.close()
+
+
+def _flock(f, op):
+    """True once locked; False where another process holds the lock (asked without blocking); None
+    where the file system has no locks."""
+    try:
+        fcntl.flock(f, op)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
 
 
 def data_cache_dir() -> Path:
