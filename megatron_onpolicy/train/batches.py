@@ -124,11 +124,11 @@ def cached(path, tokenizer, tokenizer_folder, args) -> str:
 
 def _build_once(prefix, build):
     """build() (-> its error, or None) on the node's first rank, while the node's others wait for it
-    on a file lock rather than in a collective, which gives up after --distributed-timeout-minutes
-    however long a large file takes. Where locks span nodes (NFS; Lustre mounted with flock) one
-    node builds and the others find its files. Every rank calls this (one barrier); prefix None:
-    there is nothing to build. Without locks on the file system, the others wait in the caller's
-    collective."""
+    on a file lock rather than in a collective, which would give up after
+    --distributed-timeout-minutes on a large file. Where locks span nodes (NFS; Lustre mounted with
+    flock) one node builds and the others find its files. Every rank calls this (one barrier);
+    prefix None: nothing to build. Without locks on the file system, the others wait in the
+    caller's collective."""
     sidecar, lock, builds = paths(prefix)[2] if prefix else None, None, False
     if sidecar and not sidecar.is_file():
         sidecar.parent.mkdir(parents=True, exist_ok=True)
