@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from megatron_onpolicy.generate.answers import answers_match, final_answer, norm
 from megatron_onpolicy.model.hub import resolve_model_path
 from megatron_onpolicy.preempt import REQUEUE_EXIT
 from tests.dist_utils import free_port
-from tests.test_realign import complete_lines, kill_a_rank, tiny_model  # noqa: F401 (a fixture)
+from tests.test_realign import complete_lines, kill_a_rank, tiny_model, wait_for_rows  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "evaluate.py")
@@ -214,10 +213,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_its_batch_for_requeue(tiny_
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                    "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for r in range(2)]
-    deadline = time.time() + 300
-    while complete_lines(out.parent) < 2:
-        assert all(p.poll() is None for p in ranks) and time.time() < deadline, "the run ended before the signal"
-        time.sleep(0.02)
+    wait_for_rows(out.parent, 2, ranks)
     ranks[0].send_signal(signal.SIGTERM)
     at_signal = complete_lines(out.parent)
     assert [p.wait(timeout=300) for p in ranks] == [REQUEUE_EXIT] * 2, log.read_text()[-3000:]
@@ -292,10 +288,7 @@ def test_a_restart_without_tag_continues_with_the_checkpoint_of_its_rows(tiny_mo
     cmd = [sys.executable, TOOL, "--load", str(run), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
            "--batch-size", "1"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while complete_lines(out.parent) < 1:
-        assert first.poll() is None and time.time() < deadline, "the run ended before the signal"
-        time.sleep(0.02)
+    wait_for_rows(out.parent, 1, [first])
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=300) == REQUEUE_EXIT, first.stderr.read()[-3000:]
     assert complete_lines(out.parent) < len(rows)

@@ -222,7 +222,6 @@ def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "c"
 
 
-
 def test_a_conversion_finished_elsewhere_first_is_kept(tmp_path):
     """Two nodes converting the same GGUF file (a lock that does not span nodes): the second one's
     folder is dropped for the first's, not a crash on renaming onto it (ENOTEMPTY)."""

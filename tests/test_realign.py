@@ -56,14 +56,19 @@ def complete_lines(folder):
     return n
 
 
+def wait_for_rows(folder, n, procs) -> None:
+    """Until the shard files in `folder` hold n finished rows, while every process of `procs` runs."""
+    deadline = time.time() + 300
+    while complete_lines(folder) < n:
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "the run ended before its rows"
+        time.sleep(0.02)
+
+
 def kill_a_rank(cmd, folder, tool) -> int:
     """Run `cmd` (a 2-rank deepspeed launch of `tool`), SIGKILL one rank once its shard files in
     `folder` hold 2 finished rows; -> the launcher's exit status."""
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while complete_lines(folder) < 2:
-        assert first.poll() is None and time.time() < deadline, "the first run ended before the kill"
-        time.sleep(0.02)
+    wait_for_rows(folder, 2, [first])
     ranks = [p for p in psutil.Process(first.pid).children(recursive=True)
              if tool in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
     assert len(ranks) == 2, [p.cmdline() for p in ranks]

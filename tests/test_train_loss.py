@@ -57,7 +57,6 @@ def test_fused_loss_reads_loss_tokens_only(kind):
     assert fused[5] > 0 and fused[5] * 3 * B * L == run(True, kind, weight, everything)[5] * 2 * 12
 
 
-
 def test_validation_keeps_no_tokens():
     """The histograms' tokens are training's: validation's micro-batches (the whole validation
     set's, at each evaluation) add their sums but keep no per-token values."""
