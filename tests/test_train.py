@@ -515,20 +515,24 @@ def test_a_plain_process_in_a_batch_script_is_a_job_of_one(tmp_path):
     assert result.stdout.strip().splitlines()[-1:] == ["1"], result.stderr[-3000:]
 
 
-def test_an_mpirun_job_takes_its_port_from_the_environment():
+def test_an_mpirun_job_takes_its_port_from_the_environment(tmp_path):
     """DeepSpeed's MPI discovery sets MASTER_PORT to 29500 unless told otherwise: two mpirun jobs
     on one node would share the port, and `deepspeed --launcher mpich --master_port P` (which
     exports MASTER_PORT=P to mpirun's ranks) would not get P."""
     port = str(free_port())
-    child = ("import os, torch.distributed as dist\n"
+    # Each rank writes a file of its own: mpirun forwards the ranks' stdout in pieces, which once
+    # interleaved two ranks' lines into "22 P" and " P".
+    child = ("import os, sys, torch.distributed as dist\n"
              "from megatron_onpolicy.parallel import state\n"
              "state.init_distributed()\n"
-             "print(dist.get_world_size(), os.environ['MASTER_PORT'])\n")
+             "seen = f\"{dist.get_world_size()} {os.environ['MASTER_PORT']}\"\n"
+             "open(f'{sys.argv[1]}/{dist.get_rank()}', 'w').write(seen)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
-    result = subprocess.run([str(Path(sys.executable).parent / "mpirun"), "-np", "2", sys.executable, "-c", child],
-                            cwd=ROOT, env={**env, "MASTER_PORT": port}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(Path(sys.executable).parent / "mpirun"), "-np", "2", sys.executable, "-c", child,
+                             str(tmp_path)], cwd=ROOT, env={**env, "MASTER_PORT": port}, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [line for line in result.stdout.splitlines() if line.startswith("2 ")] == [f"2 {port}"] * 2, result.stdout
+    assert [(tmp_path / str(r)).read_text() for r in range(2)] == [f"2 {port}"] * 2
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
