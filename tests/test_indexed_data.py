@@ -168,7 +168,11 @@ def _cache_built_by_one(rank, world, local_ranks, store, cache, model, train, se
 
     from megatron_onpolicy.train import batches
 
-    dist.destroy_process_group()  # the same world again, with a short timeout
+    # The same world again, with a short timeout. The barrier first: rank 0 left
+    # init_process_group as soon as its side of the mesh was up, and closing it then failed rank 1's
+    # connectFullMesh ("Connection closed by peer"; once in a clean-clone CI run).
+    dist.barrier()
+    dist.destroy_process_group()
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=2))
     os.environ.update(LOCAL_RANK=str(local_ranks[rank]), MEGATRON_ONPOLICY_DATA_CACHE=cache)
