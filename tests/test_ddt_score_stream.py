@@ -4,9 +4,11 @@ a rank parses only its own share; a restart on another number of ranks keeps wha
 --keep-keys."""
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +18,7 @@ import pytest
 from megatron_onpolicy.data import DataError, Row, RowStream, read_rows
 from megatron_onpolicy.data.stream import share_windows
 from megatron_onpolicy.ddt.score import row_keys
-from tests.dist_utils import free_port, run_distributed
+from tests.dist_utils import free_port, one_process_group, run_distributed
 from tests.test_realign import tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,15 +119,17 @@ def test_a_rank_parses_only_its_share(tiny_model, tmp_path):  # noqa: F811
 def test_reader_parses_only_the_rows_asked_for(data, fmt):
     rows, tmp = data
     stream = RowStream(tmp / f"d.{fmt}")
-    assert len(stream) == N
+    assert stream.rows == (None if fmt == "jsonl" else N)  # JSONL: not counted before it is read
     assert [r.data for r in read_rows(tmp / f"d.{fmt}")] == rows
     reader = stream.reader()
     got = reader.read([2, 3]) + reader.read([]) + reader.read([7, 10])  # forward across calls, across row groups
-    assert [r.data for r in got] == [rows[i] for i in (2, 3, 7, 10)]
+    assert [(i, r.data) for i, r in got] == [(i, rows[i]) for i in (2, 3, 7, 10)]
     if fmt == "jsonl":
-        assert got[0].source.endswith("d.jsonl:4")  # the blank line after row 1 counts as a line, not a row
+        assert got[0][1].source.endswith("d.jsonl:4")  # the blank line after row 1 counts as a line, not a row
     else:
-        assert got[0].source.endswith(f"d.{fmt}:row 2")
+        assert got[0][1].source.endswith(f"d.{fmt}:row 2")
+    # Past the end: read stops at the first missing index, and the count is known.
+    assert reader.read([N, N + 1]) == [] and not reader.exists(N) and stream.rows == N
 
 
 @pytest.mark.timeout(30)  # a reader that never moves past a batch's end loops forever
@@ -136,18 +140,17 @@ def test_parquet_reader_at_batch_boundaries(tmp_path, monkeypatch):
     written = [{"a": i, "s": f"r{i}"} for i in range(10)]
     pq.write_table(pa.Table.from_pylist(written), tmp_path / "x.parquet", row_group_size=3)
     reader = RowStream(tmp_path / "x.parquet").reader()
-    assert [r.data for r in reader.read([4])] == [written[4]]
-    assert [r.data for r in reader.read([8, 9])] == written[8:]
-    assert [r.data for r in RowStream(tmp_path / "x.parquet").reader().read(range(10))] == written
-    assert [r.data for r in RowStream(tmp_path / "x.parquet").reader().read([3, 4, 7, 8])] == \
+    assert [r.data for _, r in reader.read([4])] == [written[4]]
+    assert [r.data for _, r in reader.read([8, 9])] == written[8:]
+    assert [r.data for _, r in RowStream(tmp_path / "x.parquet").reader().read(range(10))] == written
+    assert [r.data for _, r in RowStream(tmp_path / "x.parquet").reader().read([3, 4, 7, 8])] == \
         [written[i] for i in (3, 4, 7, 8)]
 
 
 def test_jsonl_reader_skips_bad_lines_it_does_not_read(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"a": 0}\nnot json\n\n{"a": 2}\n')
     stream = RowStream(tmp_path / "x.jsonl")
-    assert len(stream) == 3
-    assert [r.data for r in stream.reader().read([0, 2])] == [{"a": 0}, {"a": 2}]
+    assert [r.data for _, r in stream.reader().read([0, 2])] == [{"a": 0}, {"a": 2}]
     with pytest.raises(DataError, match=r"x.jsonl:2: invalid JSON"):
         stream.reader().read([1])
 
@@ -168,9 +171,11 @@ def _share_worker(rank, world_size, path, bad):
     """Each rank's yielded indices per window (0 and 2), then what a DataError in `prepare` on rank 1
     only does: every rank's outcome, gathered to rank 0."""
     import torch.distributed as dist
-    stream = RowStream(path)
-    got = {w: [list(items) for items in share_windows(stream, rank, world_size, w, set(), lambda i, row: i, "cpu")]
-           for w in (0, 2)}
+    got = {}
+    for w in (0, 2):
+        stream = RowStream(path)
+        got[w] = [list(items) for items in share_windows(stream, rank, world_size, w, set(), lambda i, row: i, "cpu")]
+        got[w, "rows"] = stream.rows
 
     def prepare(i, row):
         if rank == 1 and i == bad:
@@ -194,5 +199,25 @@ def test_share_windows_cover_every_row_once_and_any_rank_error_stops_all(tmp_pat
         per_rank = [got[window] for got, _ in everything]
         assert [len(w) for w in per_rank] == [windows, windows]  # same window count on every rank (collectives)
         assert sorted(i for w in per_rank for items in w for i in items) == list(range(5)), (window, per_rank)
+        assert [got[window, "rows"] for got, _ in everything] == [5, 5]  # counted on the way, by every rank
     # Row 3 (JSONL line 4) is bad on rank 1 only: both ranks raise its message, not only rank 1.
     assert [outcome for _, outcome in everything] == [f"{tmp_path / 'x.jsonl'}:4: planted"] * 2
+
+
+@pytest.mark.timeout(60)  # a reader that reads the input twice waits forever on the emptied pipe
+def test_an_input_is_read_once_front_to_back(tmp_path):
+    """No rank counts a JSONL input's rows before working (one more pass over the file, at every
+    start): a named pipe, which can be read once only, gives every row, and the count after."""
+    pipe = tmp_path / "rows.jsonl"
+    os.mkfifo(pipe)
+    lines = [json.dumps({"a": i}) + "\n" for i in range(7)]
+    writer = threading.Thread(target=lambda: pipe.write_text("".join(lines[:3]) + "\n" + "".join(lines[3:])))
+    writer.start()
+    stream = RowStream(pipe)
+    with one_process_group():
+        windows = [[(i, row.data["a"], row.source) for i, row in items]
+                   for items in share_windows(stream, 0, 1, 2, {4}, lambda i, row: (i, row), "cpu")]
+    writer.join()
+    assert windows == [[(0, 0, f"{pipe}:1"), (1, 1, f"{pipe}:2")], [(2, 2, f"{pipe}:3"), (3, 3, f"{pipe}:5")],
+                       [(5, 5, f"{pipe}:7")], [(6, 6, f"{pipe}:8")]], windows  # row 4 was done
+    assert stream.rows == 7

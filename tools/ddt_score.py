@@ -96,7 +96,7 @@ def main():
         check_writable(kept, row.source)
         return sample, kept
 
-    bar = tqdm(total=len(stream), initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
+    bar = tqdm(total=stream.rows, initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
         fields = {sample.index: kept for sample, kept in window}
@@ -117,7 +117,7 @@ def main():
     # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
     # in a barrier that gives up after --distributed-timeout-minutes.
     if dist.get_rank() == 0:
-        with merge_shards(out, len(stream), out, "row"):
+        with merge_shards(out, stream.rows, out, "row"):
             summary = summarize(read_jsonl(out))
             summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
             write_json_atomic(summary_path, summary)

@@ -200,7 +200,7 @@ def main():
         check_writable(row.data, row.source)  # the output row copies every field
         return i, row, on_row(row.source, args.prompt_key, plain_prompt_ids, tokenizer, question), answer
 
-    bar = tqdm(total=len(stream), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
+    bar = tqdm(total=stream.rows, initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
         batches = [window[start:start + args.batch_size] for start in range(0, len(window), args.batch_size)]
@@ -232,7 +232,7 @@ def main():
     # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
     # in a barrier that gives up after --distributed-timeout-minutes.
     if dist.get_rank() == 0:
-        with merge_shards(out, len(stream), out, "row"):
+        with merge_shards(out, stream.rows, out, "row"):
             summary = summarize_eval(read_jsonl(out), k)
             summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
             write_json_atomic(summary_path, summary)

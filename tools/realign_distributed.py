@@ -180,7 +180,7 @@ def main():
         check_row(row, args)
         return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
 
-    bar = tqdm(total=len(stream), initial=n_done, desc="realign",
+    bar = tqdm(total=stream.rows, initial=n_done, desc="realign",
                unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
         batches = [window[k:k + args.batch_size] for k in range(0, len(window), args.batch_size)]
@@ -199,7 +199,7 @@ def main():
     # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
     # in a barrier that gives up after --distributed-timeout-minutes.
     if dist.get_rank() == 0:
-        with merge_shards(shards, len(stream), final, "row"):
+        with merge_shards(shards, stream.rows, final, "row"):
             write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
             summary = summarize(read_jsonl(final), args)
             write_json_atomic(out_dir / "summary.json", summary)

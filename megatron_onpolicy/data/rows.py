@@ -1,8 +1,9 @@
-"""Rows from JSONL, Parquet or a `datasets` save_to_disk folder, read as a stream: the row count
-is cheap (JSONL: one scan of the bytes; Parquet: its metadata; datasets: the memory-mapped arrow
-table's length) and a reader parses only the rows asked for. Each row remembers where it came
-from, so that a bad field found later (at tokenization) is reported as `file:line: field ...`."""
+"""Rows from JSONL, Parquet or a `datasets` save_to_disk folder, read as a stream, front to back
+once: a reader parses only the rows asked for (JSONL: it scans the others for their end). Each
+row remembers where it came from, so that a bad field found later (at tokenization) is reported
+as `file:line: field ...`."""
 import bisect
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,66 +28,84 @@ class Row:
 
 def read_rows(path) -> list[Row]:
     """Every row of a small input, as Python objects."""
-    stream = RowStream(path)
-    return stream.reader().read(range(len(stream)))
+    return [row for _, row in RowStream(path).reader().read(itertools.count())]
 
 
 class RowStream:
-    """An input's rows by index (0-based, blank JSONL lines not counted). `len()` is the row count;
-    `reader()` gives a forward-only reader: `read(indices)` with indices ascending across calls."""
+    """An input's rows by index (0-based, blank JSONL lines not counted). `reader()` gives a
+    forward-only reader: `read(indices)` -> [(index, Row)] with indices ascending across calls, up
+    to the first index past the end; `exists(i)` looks ahead without reading. `rows` is the row
+    count, known from the start for Parquet (its metadata) and datasets folders (the arrow table's
+    length), and for JSONL once a reader reached the end: counting first would read the whole file
+    once more, on every rank, before any work."""
 
     def __init__(self, path):
         self.path = path = Path(path)
+        self.rows = None
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         if path.is_dir():
             self._ds = open_datasets_folder(path)
-            self._len = len(self._ds)
-        elif path.suffix in (".jsonl", ".json"):
-            with open(path, "rb") as f:
-                self._len = sum(1 for line in f if line.strip())
+            self.rows = len(self._ds)
         elif path.suffix == ".parquet":
-            self._len = _parquet_file(path).metadata.num_rows
-        else:
+            self.rows = _parquet_file(path).metadata.num_rows
+        elif path.suffix not in (".jsonl", ".json"):
             raise DataError(f"{path}: unknown format '{path.suffix}' "
                             "(expected .jsonl, .json lines, .parquet or a datasets folder)")
-        if not self._len:
+        if self.rows == 0:
             raise DataError(f"{path}: no rows")
-
-    def __len__(self) -> int:
-        return self._len
 
     def reader(self):
         if self.path.is_dir():
-            return _DatasetsReader(self.path, self._ds)
-        return _JsonlReader(self.path) if self.path.suffix in (".jsonl", ".json") else _ParquetReader(self.path)
+            return _DatasetsReader(self)
+        return _JsonlReader(self) if self.path.suffix in (".jsonl", ".json") else _ParquetReader(self)
 
 
 class _JsonlReader:
-    def __init__(self, path: Path):
-        # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
-        self.path, self._lines, self._next = path, enumerate(open(path, "rb"), 1), 0
+    def __init__(self, stream: RowStream):
+        self.path, self._rows, self._head = stream.path, self._scan(stream), None
 
-    def read(self, indices) -> list[Row]:
+    def _scan(self, stream):
+        """(index, line number, bytes) of each non-blank line; the count goes to `stream` at the end.
+        Bytes, so that invalid UTF-8 is reported with its line like any other bad line."""
+        index = 0
+        with open(self.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():  # skipped rows are only scanned for their end, never parsed
+                    yield index, lineno, line
+                    index += 1
+        if not index:
+            raise DataError(f"{self.path}: no rows")
+        stream.rows = index
+
+    def exists(self, i: int) -> bool:
+        while self._head is None or self._head[0] < i:
+            self._head = next(self._rows, None)
+            if self._head is None:
+                return False
+        return True
+
+    def read(self, indices) -> list:
         rows = []
         for i in indices:
-            for lineno, line in self._lines:  # skipped lines are only scanned for their end, never parsed
-                if not line.strip():
-                    continue
-                index, self._next = self._next, self._next + 1
-                if index == i:
-                    rows.append(parse_jsonl_line(self.path, lineno, line))
-                    break
+            if not self.exists(i):
+                break
+            _, lineno, line = self._head
+            self._head = None
+            rows.append((i, parse_jsonl_line(self.path, lineno, line)))
         return rows
 
 
 class _ParquetReader:
-    def __init__(self, path: Path):
-        self.path, self._batches, self._batch, self._start = path, None, None, 0
+    def __init__(self, stream: RowStream):
+        self.path, self._n, self._batches, self._batch, self._start = stream.path, stream.rows, None, None, 0
 
-    def read(self, indices) -> list[Row]:
+    def exists(self, i: int) -> bool:
+        return i < self._n
+
+    def read(self, indices) -> list:
         import pyarrow as pa
-        rows, indices = [], list(indices)
+        rows, indices = [], list(itertools.takewhile(self.exists, indices))
         try:
             if self._batches is None:
                 self._batches = _parquet_file(self.path).iter_batches(batch_size=PARQUET_BATCH)
@@ -98,7 +117,7 @@ class _ParquetReader:
                     self._batch = next(self._batches)
                 stop = bisect.bisect_left(indices, self._start + len(self._batch), k)  # (indices ascend)
                 local = [i - self._start for i in indices[k:stop]]
-                rows += [Row(obj, f"{self.path}:row {i + self._start}")
+                rows += [(i + self._start, Row(obj, f"{self.path}:row {i + self._start}"))
                          for i, obj in zip(local, self._batch.take(pa.array(local)).to_pylist())]
                 k += len(local)
         except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -107,14 +126,17 @@ class _ParquetReader:
 
 
 class _DatasetsReader:
-    def __init__(self, path: Path, ds):
-        self.path, self._ds = path, ds
+    def __init__(self, stream: RowStream):
+        self.path, self._ds = stream.path, stream._ds
 
-    def read(self, indices) -> list[Row]:
-        indices = list(indices)
+    def exists(self, i: int) -> bool:
+        return i < len(self._ds)
+
+    def read(self, indices) -> list:
+        indices = list(itertools.takewhile(self.exists, indices))
         if not indices:
             return []
-        return [Row(obj, f"{self.path}:row {i}") for i, obj in zip(indices, self._ds.select(indices).to_list())]
+        return [(i, Row(obj, f"{self.path}:row {i}")) for i, obj in zip(indices, self._ds.select(indices).to_list())]
 
 
 def parse_jsonl_line(path, lineno: int, line: bytes) -> Row:

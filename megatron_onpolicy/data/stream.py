@@ -8,6 +8,7 @@ its batches. A bad row stops the run at the end of its window on every rank at o
 error by rank), after the rows of earlier windows were written: fixing it and rerunning goes on
 from there."""
 import argparse
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -28,28 +29,33 @@ def _window(text: str) -> int:
 
 def share_windows(stream: RowStream, dp_rank: int, dp_size: int, window: int, done, prepare, device):
     """-> for each window of this group's share, [prepare(index, row) for its rows not in `done`].
-    Every rank yields the same number of windows; a DataError from `prepare` (or from parsing) on
-    any rank is raised on all ranks once every rank has prepared that window."""
-    largest = -(-len(stream) // dp_size)
-    window = window or largest
-    share = range(dp_rank, len(stream), dp_size)
-    reader = stream.reader()
-    for start in range(0, largest, window):
-        todo = [i for i in share[start:start + window] if i not in done]
-        items, error = [], None
+    No rank counts the rows first (a JSONL file would be read through once more before any work):
+    each window ends in one all-reduce of whether any rank's share goes on, so every rank yields
+    the same number of windows; a DataError from `prepare` (or from parsing) on any rank is raised
+    on all ranks once every rank has prepared that window. Afterwards `stream.rows` is known."""
+    reader, start, more = stream.reader(), 0, True
+    while more:
+        positions = range(start, start + window) if window else itertools.count(start)
+        start += window
+        todo = (i for i in (dp_rank + p * dp_size for p in positions) if i not in done)
+        items, error, more = [], None, False
         try:
-            items = [prepare(i, row) for i, row in zip(todo, reader.read(todo))]
+            items = [prepare(i, row) for i, row in reader.read(todo)]
+            more = bool(window) and reader.exists(dp_rank + start * dp_size)
         except DataError as e:
             error = str(e)
-        _agree(error, device)
+        more = _agree(error, more, device)
         yield items
 
 
-def _agree(error, device) -> None:
-    """One MAX all-reduce per window; the messages are gathered only when some rank has one."""
-    failed = torch.tensor([error is not None], dtype=torch.float32, device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+def _agree(error, more: bool, device) -> bool:
+    """One MAX all-reduce per window: -> whether any rank's share goes on. The messages are
+    gathered only when some rank has one."""
+    flags = torch.tensor([error is not None, more], dtype=torch.float32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    failed, more = flags.tolist()
+    if failed:
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, error)
         raise DataError(next(m for m in found if m), every_rank=True)
+    return bool(more)
