@@ -63,27 +63,26 @@ class RowStream:
 
 class _JsonlReader:
     def __init__(self, stream: RowStream):
-        self.path, self._rows, self._head = stream.path, self._scan(stream), None
-
-    def _scan(self, stream):
-        """(index, line number, bytes) of each non-blank line; the count goes to `stream` at the end.
-        Bytes, so that invalid UTF-8 is reported with its line like any other bad line."""
-        index = 0
-        with open(self.path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():  # skipped rows are only scanned for their end, never parsed
-                    yield index, lineno, line
-                    index += 1
-        if not index:
-            raise DataError(f"{self.path}: no rows")
-        stream.rows = index
+        # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
+        self.path, self._stream, self._file = stream.path, stream, open(stream.path, "rb")
+        self._lines, self._next, self._head = enumerate(self._file, 1), 0, None  # head: (index, lineno, line)
 
     def exists(self, i: int) -> bool:
-        while self._head is None or self._head[0] < i:
-            self._head = next(self._rows, None)
-            if self._head is None:
-                return False
-        return True
+        if self._head is not None and self._head[0] >= i:
+            return True
+        n = self._next  # (a local: this loop runs once a line of the whole file)
+        for lineno, line in self._lines:  # skipped rows are only scanned for their end, never parsed
+            if line.strip():
+                n += 1
+                if n > i:
+                    self._next, self._head = n, (n - 1, lineno, line)
+                    return True
+        self._next, self._head, self._lines = n, None, iter(())  # the end: the count is known
+        self._file.close()
+        if not n:
+            raise DataError(f"{self.path}: no rows")
+        self._stream.rows = self._next
+        return False
 
     def read(self, indices) -> list:
         rows = []
