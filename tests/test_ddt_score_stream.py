@@ -123,13 +123,14 @@ def test_reader_parses_only_the_rows_asked_for(data, fmt):
     assert [r.data for r in read_rows(tmp / f"d.{fmt}")] == rows
     reader = stream.reader()
     got = reader.read([2, 3]) + reader.read([]) + reader.read([7, 10])  # forward across calls, across row groups
+    assert 0.5 * N < stream.total() < 2 * N  # JSONL: estimated from the bytes read so far
     assert [(i, r.data) for i, r in got] == [(i, rows[i]) for i in (2, 3, 7, 10)]
     if fmt == "jsonl":
         assert got[0][1].source.endswith("d.jsonl:4")  # the blank line after row 1 counts as a line, not a row
     else:
         assert got[0][1].source.endswith(f"d.{fmt}:row 2")
     # Past the end: read stops at the first missing index, and the count is known.
-    assert reader.read([N, N + 1]) == [] and not reader.exists(N) and stream.rows == N
+    assert reader.read([N, N + 1]) == [] and not reader.exists(N) and stream.rows == stream.total() == N
 
 
 @pytest.mark.timeout(30)  # a reader that never moves past a batch's end loops forever
@@ -214,6 +215,7 @@ def test_an_input_is_read_once_front_to_back(tmp_path):
     writer = threading.Thread(target=lambda: pipe.write_text("".join(lines[:3]) + "\n" + "".join(lines[3:])))
     writer.start()
     stream = RowStream(pipe)
+    assert stream.total() is None
     with one_process_group():
         windows = [[(i, row.data["a"], row.source) for i, row in items]
                    for items in share_windows(stream, 0, 1, 2, {4}, lambda i, row: (i, row), "cpu")]

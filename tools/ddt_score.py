@@ -96,9 +96,10 @@ def main():
         check_writable(kept, row.source)
         return sample, kept
 
-    bar = tqdm(total=stream.rows, initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
+    bar = tqdm(total=stream.total(), initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        bar.total = stream.total()  # (JSONL: estimated until the end)
         fields = {sample.index: kept for sample, kept in window}
         batches = length_sorted_batches([sample for sample, _ in window], args.micro_batch_size)
         for batch in preempt.in_lockstep(batches, cli.device()):

@@ -200,9 +200,10 @@ def main():
         check_writable(row.data, row.source)  # the output row copies every field
         return i, row, on_row(row.source, args.prompt_key, plain_prompt_ids, tokenizer, question), answer
 
-    bar = tqdm(total=stream.rows, initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
+    bar = tqdm(total=stream.total(), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
                file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        bar.total = stream.total()  # (JSONL: estimated until the end)
         batches = [window[start:start + args.batch_size] for start in range(0, len(window), args.batch_size)]
         for batch in preempt.in_lockstep(batches, cli.device()):
             stop.exit_if_agreed(cli.device(), "evaluate", f"finished rows are in {out}.part-*")

@@ -180,9 +180,10 @@ def main():
         check_row(row, args)
         return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
 
-    bar = tqdm(total=stream.rows, initial=n_done, desc="realign",
+    bar = tqdm(total=stream.total(), initial=n_done, desc="realign",
                unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
     for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
+        bar.total = stream.total()  # (JSONL: estimated until the end)
         batches = [window[k:k + args.batch_size] for k in range(0, len(window), args.batch_size)]
         for batch in preempt.in_lockstep(batches, cli.device()):
             stop.exit_if_agreed(cli.device(), "realign_distributed", f"finished rows are in {shards.parent}")

@@ -41,7 +41,7 @@ class RowStream:
 
     def __init__(self, path):
         self.path = path = Path(path)
-        self.rows = None
+        self.rows, self._scanned = None, (0, 0)  # JSONL: (rows, bytes) a reader went through so far
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         if path.is_dir():
@@ -55,6 +55,14 @@ class RowStream:
         if self.rows == 0:
             raise DataError(f"{path}: no rows")
 
+    def total(self):
+        """The row count; for JSONL, until a reader reached the end, an estimate from the rows in the
+        bytes read so far (for a progress bar; None for a pipe)."""
+        rows, at = self._scanned
+        if self.rows is not None or not at:
+            return self.rows
+        return round(rows * self.path.stat().st_size / at) or None
+
     def reader(self):
         if self.path.is_dir():
             return _DatasetsReader(self)
@@ -66,6 +74,7 @@ class _JsonlReader:
         # Bytes, so that invalid UTF-8 is reported with its line like any other bad line.
         self.path, self._stream, self._file = stream.path, stream, open(stream.path, "rb")
         self._lines, self._next, self._head = enumerate(self._file, 1), 0, None  # head: (index, lineno, line)
+        self._seekable = self._file.seekable()
 
     def exists(self, i: int) -> bool:
         if self._head is not None and self._head[0] >= i:
@@ -92,6 +101,8 @@ class _JsonlReader:
             _, lineno, line = self._head
             self._head = None
             rows.append((i, parse_jsonl_line(self.path, lineno, line)))
+        if self._seekable and not self._file.closed:  # (not a pipe; once a call: tell() is a system call)
+            self._stream._scanned = self._next, self._file.tell()
         return rows
 
 
