@@ -158,9 +158,12 @@ def test_raw_file_cache_is_keyed_by_the_chat_template(setup, tmp_path, monkeypat
     assert IndexedDataset(first).sample(0) != IndexedDataset(second).sample(0)  # the templates really differ
 
 
-def _cache_built_by_one(rank, world, local_ranks, store, cache, model, train, seconds):
+def _cache_built_by_one(rank, world, local_ranks, store, cache, model, train, seconds, late=0):
     """cached() on this rank, as node-local rank local_ranks[rank], under a collective timeout of
-    2 s, a build on this rank made to last `seconds` more; -> every rank's (builds, prefix)."""
+    2 s (where `late` is 0), a build on this rank made to last `seconds` more, its sidecar shown
+    only `late` seconds after it returned; then the dataset opened, as load_parts does. -> every
+    rank's (builds, prefix, samples)."""
+    import threading
     import time
     from datetime import timedelta
 
@@ -168,44 +171,53 @@ def _cache_built_by_one(rank, world, local_ranks, store, cache, model, train, se
 
     from megatron_onpolicy.train import batches
 
-    # The same world again, with a short timeout. The barrier first: rank 0 left
-    # init_process_group as soon as its side of the mesh was up, and closing it then failed rank 1's
-    # connectFullMesh ("Connection closed by peer"; once in a clean-clone CI run).
-    dist.barrier()
-    dist.destroy_process_group()
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=2))
+    if not late:
+        # The same world again, with a short timeout. The barrier first: rank 0 left
+        # init_process_group as soon as its side of the mesh was up, and closing it then failed
+        # rank 1's connectFullMesh ("Connection closed by peer"; once in a clean-clone CI run).
+        dist.barrier()
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                                timeout=timedelta(seconds=2))
     os.environ.update(LOCAL_RANK=str(local_ranks[rank]), MEGATRON_ONPOLICY_DATA_CACHE=cache)
     builds, preprocess = [], batches.preprocess
 
-    def slow(*a, **k):
+    def slow(src, prefix, *a, **k):
         builds.append(rank)
         time.sleep(seconds)
-        return preprocess(*a, **k)
+        meta = preprocess(src, prefix, *a, **k)
+        if late:  # as another node would see it, where NFS still has the name cached as missing
+            sidecar = Path(f"{prefix}.json")
+            os.replace(sidecar, f"{sidecar}.hidden")
+            threading.Timer(late, os.replace, (f"{sidecar}.hidden", sidecar)).start()
+        return meta
 
     batches.preprocess = slow
     args = SimpleNamespace(prompt_key="prompt", response_key="response", seq_length=L, overlong="truncate", pack=False)
     prefix = batches.cached(train, load_tokenizer(model), model, args)
     found = [None] * world
-    dist.all_gather_object(found, (len(builds), prefix))
+    dist.all_gather_object(found, (len(builds), prefix, len(IndexedDataset(prefix))))
     return found
 
 
 def test_a_raw_file_is_built_once_while_the_others_wait_past_the_collective_timeout(setup, tmp_path):
     """The ranks that do not build wait for the build on a file lock: a build longer than the
     collective timeout (here 2 s; --distributed-timeout-minutes) stopped them before. Two nodes
-    on a file system whose locks span them (both ranks their node's first) build it once."""
+    on a file system whose locks span them (both ranks their node's first) build it once; a
+    sidecar that shows late on a node is waited for (it was 'no such file' before)."""
     from tests.dist_utils import run_distributed
 
     s = setup
-    for case, local_ranks in (("one-node", (0, 1)), ("two-nodes", (0, 0))):
+    truth = [tokenize_row(s.tok, r.data, r.source, i) for i, r in enumerate(read_rows(s.train))]
+    for case, local_ranks, seconds, late in (("one-node", (0, 1), 5, 0), ("two-nodes", (0, 0), 5, 0),
+                                             ("shown-late", (0, 0), 0, 4)):
         found = run_distributed(_cache_built_by_one, 2, local_ranks, str(tmp_path / f"{case}.store"),
-                                str(tmp_path / case), str(s.model), str(s.train), 5)
-        (builds, prefix), (other_builds, other_prefix) = found
+                                str(tmp_path / case), str(s.model), str(s.train), seconds, late)
+        (builds, prefix, samples), (other_builds, other_prefix, other_samples) = found
         assert builds + other_builds == 1 and prefix == other_prefix, (case, found)
+        assert samples == other_samples == len(truth), (case, found)
         ds = IndexedDataset(prefix)
-        assert [ds.sample(i) for i in range(len(ds))] == [tokenize_row(s.tok, r.data, r.source, i)
-                                                          for i, r in enumerate(read_rows(s.train))]
+        assert [ds.sample(i) for i in range(len(ds))] == truth
 
 
 def test_a_blend_weighted_3_to_1_draws_3_to_1(setup):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..model.hub import cache_dir
 from ..parallel import state
 
 RAW_WORKERS_ABOVE = 64 << 20  # a raw file larger than this is tokenized by a pool of workers
+VISIBLE_WITHIN = 120  # seconds a data cache file another node wrote may take to show on this one
 
 
 class Part:
@@ -119,7 +121,20 @@ def cached(path, tokenizer, tokenizer_folder, args) -> str:
     error = cli.first_error(error)  # also the barrier: the cache is complete once every rank is past it
     if error:
         raise DataError(error, every_rank=True)
+    _wait_visible(paths(prefix)[2])
     return str(prefix)
+
+
+def _wait_visible(path: Path) -> None:
+    """A file another node wrote can show here late: NFS keeps a name this node looked up as
+    missing (the sidecar, before the build) until its cache of the folder expires, 60 s by default
+    (acdirmax). Waiting that out beats failing the job on its first start."""
+    deadline = time.monotonic() + VISIBLE_WITHIN
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise DataError(f"{path}: another node wrote it, but {socket.gethostname()} does not see it after "
+                            f"{VISIBLE_WITHIN} s (a file system cache: NFS's lookupcache=positive mount option fixes it)")
+        time.sleep(1)
 
 
 def _build_once(prefix, build):
