@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,11 +171,18 @@ _INDEX = re.compile(rb'\{"index": (\d+)[,}]')  # how ShardWriter's json.dumps st
 
 def _indexed_lines(part):
     """(byte offset, row index) of each line of a shard file, the index read from the line's start
-    (no parse of the rest). A line that is no row (a node lost mid-write can leave a zero-filled
-    one before a later line) is an error that names it, rather than a file taken for less than it is."""
+    (no parse of the rest). A node lost mid-write can leave zero-filled pages before a later line's
+    newline: a line holding a NUL byte (json.dumps writes none) is skipped, so its rows are redone,
+    also where it starts like a row. Any other line that is no row is an error that names it,
+    rather than a file taken for less than it is."""
     with open(part, "rb") as f:
         pos = 0
         for number, line in enumerate(f, 1):
+            if b"\0" in line:
+                print(f"{part}:{number}: skipped, zero-filled (written by a node lost mid-write); its rows are "
+                      "redone", file=sys.stderr, flush=True)
+                pos += len(line)
+                continue
             m = _INDEX.match(line)
             try:
                 i = int(m[1]) if m else json.loads(line)["index"]

@@ -15,7 +15,7 @@ import transformers
 from megatron_onpolicy.data import DataError
 from megatron_onpolicy.generate.answers import answers_match, final_answer
 from megatron_onpolicy.model.hub import resolve_model_path
-from megatron_onpolicy.outputs import ShardWriter, _line_table, cut_torn_line, written_indices
+from megatron_onpolicy.outputs import ShardWriter, _line_table, _rows_in_order, cut_torn_line, json_line, written_indices
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,12 +272,27 @@ def test_shard_writer_cuts_a_torn_line(tmp_path):
     assert list(written_indices([part])) == [0, 1]
 
 
-def test_a_line_that_is_no_row_is_named_not_skipped(tmp_path):
-    """A node lost mid-write can leave zero-filled pages before a later line's newline: the resume
-    and the merge stop at that line, by file and line number, rather than take the file's other
-    rows as all there is."""
+def test_a_zero_filled_line_is_redone_and_a_line_that_is_no_row_is_named(tmp_path, capsys):
+    """A node lost mid-write can leave zero-filled pages before a later line's newline: such a line
+    is skipped, so the rows in it are redone, also where it starts like a row (here row 1's start,
+    whose newline and row 2's start the zeros swallowed; it was taken for row 1, and the merge then
+    failed on it). A line that is no row otherwise stops the resume and the merge, by file and line."""
     part = tmp_path / "x.part"
-    part.write_bytes(b'{"index": 0, "row": {}}\n' + b"\0" * 30 + b'\n{"index": 2, "row": {}}\n')
+
+    def row(obj) -> bytes:
+        return json_line(obj).encode()
+    part.write_bytes(row({"index": 0, "row": {}}) + b"\0" * 30 + b"\n" + row({"index": 1, "row": {"a": "b"}})[:12]
+                     + b"\0" * 40 + row({"index": 2, "row": {}})[12:] + row({"index": 3, "row": {}}))
+    assert list(written_indices([part])) == [0, 3]
+    assert f"{part}:2: skipped, zero-filled" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match=r"2 rows missing .*\[1, 2\]"):
+        _line_table([part], 4)
+    with open(part, "ab") as f:  # as the rerun appends them
+        f.write(row({"index": 2, "row": {}}) + row({"index": 1, "row": {"a": "b"}}))
+    assert list(_rows_in_order([part], *_line_table([part], 4))) == [
+        {"index": 0, "row": {}}, {"index": 1, "row": {"a": "b"}}, {"index": 2, "row": {}}, {"index": 3, "row": {}}]
+
+    part.write_bytes(row({"index": 0, "row": {}}) + b"oops\n" + row({"index": 2, "row": {}}))
     for read in (lambda: list(written_indices([part])), lambda: _line_table([part], 3)):
         with pytest.raises(DataError, match=rf"{part}:2: not a row .*sed -i '2d'"):
             read()
