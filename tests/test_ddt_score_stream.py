@@ -154,6 +154,9 @@ def test_jsonl_reader_skips_bad_lines_it_does_not_read(tmp_path):
     assert [r.data for _, r in stream.reader().read([0, 2])] == [{"a": 0}, {"a": 2}]
     with pytest.raises(DataError, match=r"x.jsonl:2: invalid JSON"):
         stream.reader().read([1])
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=r"blank.jsonl: no rows"):  # at once, not after a tool loaded its model
+        RowStream(tmp_path / "blank.jsonl")
 
 
 def test_keep_keys_never_clobbers_a_field():

@@ -52,6 +52,9 @@ class RowStream:
         elif path.suffix not in (".jsonl", ".json"):
             raise DataError(f"{path}: unknown format '{path.suffix}' "
                             "(expected .jsonl, .json lines, .parquet or a datasets folder)")
+        elif path.is_file():  # (not a pipe, which can be read once): reads up to its first row
+            with open(path, "rb") as f:
+                self.rows = None if any(line.strip() for line in f) else 0
         if self.rows == 0:
             raise DataError(f"{path}: no rows")
 
