@@ -110,6 +110,20 @@ def first_error(message):
     return next((m for m in found if m), None)
 
 
+def on_every_rank(open_):
+    """open_() on every rank, for what each rank reads itself (a tool's input): a DataError on any
+    rank (a path mistyped, a file some node lacks) is raised on every rank alike, so it is one line
+    (naming the host that had it) rather than one a rank."""
+    try:
+        result, error = open_(), None
+    except DataError as e:
+        result, error = None, f"{e} (on {socket.gethostname()})"
+    error = first_error(error)
+    if error:
+        raise DataError(error, every_rank=True)
+    return result
+
+
 def decided_by_rank_0(decide):
     """decide() on rank 0 alone, and its result on every rank (its error raised on every rank
     alike): for choices made from files that ranks on other nodes could see otherwise (a file

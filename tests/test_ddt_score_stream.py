@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -113,6 +114,16 @@ def test_a_rank_parses_only_its_share(tiny_model, tmp_path):  # noqa: F811
     # Rank 0, first by rank, names line 3: it never parsed line 2 (rank 1's), the first bad line of the file.
     assert len(errors) == 1 and "bad.jsonl:3: invalid JSON" in errors[0], result.stderr[-3000:]
     assert not list(tmp_path.glob("o.jsonl*")), "nothing written"
+
+
+def test_a_missing_input_is_one_error_line(tiny_model, tmp_path):  # noqa: F811
+    """Every rank has the error: rank 0 prints it, once (before: a line a rank)."""
+    missing = tmp_path / "nope.jsonl"
+    result = run(2, "--model", str(tiny_model), "--data", str(missing), "--out", str(tmp_path / "o.jsonl"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ddt_score: error")]
+    assert result.returncode != 0
+    assert errors == [f"ddt_score: error: {missing}: no such file or folder (on {socket.gethostname()})"], \
+        result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "ds"])

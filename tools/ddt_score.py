@@ -79,7 +79,7 @@ def main():
     writes = state.get_tensor_model_parallel_rank() == 0  # one writer per data-parallel group
 
     tokenizer = load_tokenizer(folder)
-    stream = RowStream(args.data)
+    stream = cli.on_every_rank(lambda: RowStream(args.data))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

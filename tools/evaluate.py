@@ -182,7 +182,7 @@ def main():
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
     tokenizer = load_tokenizer(folder)
-    stream = RowStream(args.data)
+    stream = cli.on_every_rank(lambda: RowStream(args.data))
     writer, done, n_done = open_shards(out, dp_rank, dp, tp_rank == 0, cli.device(), cli.row_settings(args))
     if dist.get_rank() == 0 and n_done:
         print(f"resuming: {n_done} rows already done", flush=True)

@@ -159,7 +159,7 @@ def main():
     tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
 
     tokenizer = load_tokenizer(folder)
-    stream = RowStream(args.data)
+    stream = cli.on_every_rank(lambda: RowStream(args.data))
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
     shards = out_dir / "shards" / final.name
