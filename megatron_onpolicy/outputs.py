@@ -296,13 +296,18 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device, set
         if not parts:  # those of a run that wrote no row
             path.unlink(missing_ok=True)
     dist.barrier()
+    error = None
     if path.exists():  # (shards of a version that kept no settings are taken as they are)
         before = json.loads(path.read_text())
         changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(before.keys() | settings.keys())
                    if before.get(k) != settings.get(k)]
         if changed:
-            raise DataError(f"{out}: its rows so far were made with other settings ({'; '.join(changed)}): "
-                            f"rerun with those, or write elsewhere")
+            error = (f"{out}: its rows so far were made with other settings ({'; '.join(changed)}): "
+                     f"rerun with those, or write elsewhere")
+    from .cli import first_error  # (here: cli imports the data package, which imports this module)
+    error = first_error(error)
+    if error:
+        raise DataError(error, every_rank=True)  # one line, not one a rank
     done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
     total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint

@@ -85,6 +85,7 @@ def _open_twice(rank, world, out):
     writer, done, _ = open_shards(out, 0, 1, True, "cpu", {"model": "m", "temperature": 1.0})
     writer.write({"index": 0, "row": payload(0)})
     writer.close()
+    assert error.value.every_rank  # agreed, so printed once (by rank 0)
     return str(error.value), done, json.loads(settings_path(out).read_text())
 
 
