@@ -18,17 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E402
-from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.data import DataError, tokenize_row  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args  # noqa: E402
 from megatron_onpolicy.ddt import fused  # noqa: E402
 from megatron_onpolicy.ddt.score import length_sorted_batches, row_keys, score_batch, summarize  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (check_writable, merge_shards, open_shards, read_jsonl,  # noqa: E402
-                                       write_json_atomic)
+from megatron_onpolicy.outputs import check_writable, read_jsonl, write_json_atomic  # noqa: E402
 from megatron_onpolicy.parallel import state  # noqa: E402
+from megatron_onpolicy.rowpass import RowPass  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -75,50 +74,34 @@ def main():
     stop = preempt.Stop()  # SIGTERM / SIGUSR1: finish the batch in progress, exit with status 75
     folder, arch = load_arch(args.model)
     cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
-    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    writes = state.get_tensor_model_parallel_rank() == 0  # one writer per data-parallel group
-
     tokenizer = load_tokenizer(folder)
-    stream = cli.on_every_rank(lambda: RowStream(args.data))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    job = RowPass("ddt_score", args.data, out, cli.row_settings(args))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
-    writer, done, n_done = open_shards(out, dp_rank, dp, writes, cli.device(), cli.row_settings(args))
-
     scores = set(row_keys(args.dump_tokens))
 
-    def prepare(i, row):
+    def prepare(i, row):  # -> (the sample to score, the input fields its output line carries)
         sample = tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key,
                               eos=not args.no_eos)
         kept = kept_fields(row, args.keep_keys, scores)
         check_writable(kept, row.source)
         return sample, kept
 
-    bar = tqdm(total=stream.total(), initial=n_done, desc="ddt_score", unit="row", disable=dist.get_rank() != 0,
-               file=sys.stdout)
-    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
-        bar.total = stream.total()  # (JSONL: estimated until the end)
-        fields = {sample.index: kept for sample, kept in window}
-        batches = length_sorted_batches([sample for sample, _ in window], args.micro_batch_size)
-        for batch in preempt.in_lockstep(batches, cli.device()):
-            stop.exit_if_agreed(cli.device(), "ddt_score", f"finished rows are in {out}.part-*")
-            if not batch:
-                continue
-            for row in score_batch(model, batch, tokenizer.pad_token_id or 0, args.dump_tokens, args.fused_loss,
-                                   args.loss_chunk_size):
-                if writer:
-                    writer.write({"index": row["index"], "row": {**fields[row["index"]], **row}})
-            bar.update(len(batch) * dp)  # every group advances about alike; rank 0 sees its own
-    bar.close()
-    if writer:
-        writer.close()
-    dist.barrier()
-    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
-    # in a barrier that gives up after --distributed-timeout-minutes.
+    def batches(window):
+        return length_sorted_batches(window, args.micro_batch_size, sample=lambda item: item[0])
+
+    def process(batch):
+        kept = {sample.index: fields for sample, fields in batch}
+        for row in score_batch(model, [sample for sample, _ in batch], tokenizer.pad_token_id or 0, args.dump_tokens,
+                               args.fused_loss, args.loss_chunk_size):
+            yield row["index"], {**kept[row["index"]], **row}
+
+    job.run(stop, args.window, prepare, batches, process)
     if dist.get_rank() == 0:
-        with merge_shards(out, stream.rows, out, "row"):
+        with job.merged(out):
             summary = summarize(read_jsonl(out))
             summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
             write_json_atomic(summary_path, summary)

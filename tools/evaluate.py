@@ -31,11 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import DataError, RowStream, Sample  # noqa: E402
-from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.data import DataError, Sample  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args  # noqa: E402
 from megatron_onpolicy.data.tokenization import on_row  # noqa: E402
 from megatron_onpolicy.ddt.score import Summary, length_sorted_batches, score_batch  # noqa: E402
 from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
@@ -43,9 +42,10 @@ from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: 
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (check_no_clash, check_writable, merge_shards, open_shards,  # noqa: E402
-                                       read_jsonl, settings_path, write_json_atomic)
+from megatron_onpolicy.outputs import (check_no_clash, check_writable, read_jsonl, settings_path,  # noqa: E402
+                                       write_json_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
+from megatron_onpolicy.rowpass import RowPass, batches_of  # noqa: E402
 from megatron_onpolicy.train.args import TrainConfigError  # noqa: E402
 
 
@@ -178,17 +178,10 @@ def main():
     name = resolve_model(args, out)
     folder, arch = load_arch(name)
     cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
-    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
-
     tokenizer = load_tokenizer(folder)
-    stream = cli.on_every_rank(lambda: RowStream(args.data))
-    writer, done, n_done = open_shards(out, dp_rank, dp, tp_rank == 0, cli.device(), cli.row_settings(args))
-    if dist.get_rank() == 0 and n_done:
-        print(f"resuming: {n_done} rows already done", flush=True)
-
+    job = RowPass("evaluate", args.data, out, cli.row_settings(args))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, _ = load_model(name, tp_group, dtype, cli.device())
+    model, _ = load_model(name, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
     eos = stop_token_ids(tokenizer, folder)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -200,40 +193,26 @@ def main():
         check_writable(row.data, row.source)  # the output row copies every field
         return i, row, on_row(row.source, args.prompt_key, plain_prompt_ids, tokenizer, question), answer
 
-    bar = tqdm(total=stream.total(), initial=n_done, desc="evaluate", unit="row", disable=dist.get_rank() != 0,
-               file=sys.stdout)
-    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
-        bar.total = stream.total()  # (JSONL: estimated until the end)
-        batches = [window[start:start + args.batch_size] for start in range(0, len(window), args.batch_size)]
-        for batch in preempt.in_lockstep(batches, cli.device()):
-            stop.exit_if_agreed(cli.device(), "evaluate", f"finished rows are in {out}.part-*")
-            if not batch:
-                continue
-            batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
-            generator = batch_generator(args.seed, [i for i, *_ in batch], cli.device())
-            gens = generate(model, batch_prompts, params, generator, cuda_graph=args.cuda_graph)
-            ddt = score_completions(model, batch_prompts, gens, pad)
-            for j, (i, source, _, answer) in enumerate(batch):
-                mine = gens[j * k:(j + 1) * k]
-                texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
-                row = dict(source.data, completions=texts)
-                if args.answer_key:
-                    reference = normalize(answer)
-                    row["extracted"] = [final_answer(t) for t in texts]
-                    row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
-                row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
-                           ddt=ddt[j * k:(j + 1) * k])
-                if writer:
-                    writer.write({"index": i, "row": row})
-            bar.update(len(batch) * dp)
-    bar.close()
-    if writer:
-        writer.close()
-    dist.barrier()
-    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
-    # in a barrier that gives up after --distributed-timeout-minutes.
+    def process(batch):
+        batch_prompts = [prompt for _, _, prompt, _ in batch for _ in range(k)]
+        generator = batch_generator(args.seed, [i for i, *_ in batch], cli.device())
+        gens = generate(model, batch_prompts, params, generator, cuda_graph=args.cuda_graph)
+        ddt = score_completions(model, batch_prompts, gens, pad)
+        for j, (i, source, _, answer) in enumerate(batch):
+            mine = gens[j * k:(j + 1) * k]
+            texts = [tokenizer.decode(g.tokens[:-1] if g.end_reason == "eos" else g.tokens) for g in mine]
+            row = dict(source.data, completions=texts)
+            if args.answer_key:
+                reference = normalize(answer)
+                row["extracted"] = [final_answer(t) for t in texts]
+                row["correct"] = [e is not None and normalize(e) == reference for e in row["extracted"]]
+            row.update(end_reasons=[g.end_reason for g in mine], num_tokens=[len(g.tokens) for g in mine],
+                       ddt=ddt[j * k:(j + 1) * k])
+            yield i, row
+
+    job.run(stop, args.window, prepare, batches_of(args.batch_size), process)
     if dist.get_rank() == 0:
-        with merge_shards(out, stream.rows, out, "row"):
+        with job.merged(out):
             summary = summarize_eval(read_jsonl(out), k)
             summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
             write_json_atomic(summary_path, summary)

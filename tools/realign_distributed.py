@@ -20,20 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from megatron_onpolicy import cli, preempt  # noqa: E402
-from megatron_onpolicy.data import DataError, RowStream, tokenize_row  # noqa: E402
-from megatron_onpolicy.data.stream import add_stream_args, share_windows  # noqa: E402
+from megatron_onpolicy.data import DataError, tokenize_row  # noqa: E402
+from megatron_onpolicy.data.stream import add_stream_args  # noqa: E402
 from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
                                         stop_token_ids)
 from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
-from megatron_onpolicy.outputs import (check_no_clash, check_writable, merge_shards, open_shards,  # noqa: E402
-                                       read_jsonl, write_json_atomic, write_jsonl_atomic)
+from megatron_onpolicy.outputs import (check_no_clash, check_writable, read_jsonl, write_json_atomic,  # noqa: E402
+                                       write_jsonl_atomic)
 from megatron_onpolicy.parallel import state  # noqa: E402
+from megatron_onpolicy.rowpass import RowPass, batches_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -155,22 +155,14 @@ def main():
                       splitter=args.splitter or None, analysis=analysis_template is not None)
     folder, arch = load_arch(args.model)
     cli.start(args.tensor_model_parallel_size, 1, arch.num_heads, arch.num_kv_heads, args.distributed_timeout_minutes)
-    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    tp_group, tp_rank = state.get_tensor_model_parallel_group(), state.get_tensor_model_parallel_rank()
-
     tokenizer = load_tokenizer(folder)
-    stream = cli.on_every_rank(lambda: RowStream(args.data))
     out_dir = Path(args.out_dir)
     final = out_dir / "realigned.jsonl"
-    shards = out_dir / "shards" / final.name
     # (the filters apply when the rows are merged, so a restart may change them)
     settings = cli.row_settings(args, "min_avg_phi", "require_answer_match", "keep_unfinished")
-    writer, done, n_done = open_shards(shards, dp_rank, dp, tp_rank == 0, cli.device(), settings)
-    if dist.get_rank() == 0 and n_done:
-        print(f"resuming: {n_done} rows already done", flush=True)
-
+    job = RowPass("realign_distributed", args.data, out_dir / "shards" / final.name, settings)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, _ = load_model(args.model, tp_group, dtype, cli.device())
+    model, _ = load_model(args.model, state.get_tensor_model_parallel_group(), dtype, cli.device())
     model.eval()
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             eos_ids=stop_token_ids(tokenizer, folder), seed=args.seed)
@@ -180,27 +172,12 @@ def main():
         check_row(row, args)
         return i, row, tokenize_row(tokenizer, row.data, row.source, i, args.prompt_key, args.response_key)
 
-    bar = tqdm(total=stream.total(), initial=n_done, desc="realign",
-               unit="row", disable=dist.get_rank() != 0, file=sys.stdout)
-    for window in share_windows(stream, dp_rank, dp, args.window, done, prepare, cli.device()):
-        bar.total = stream.total()  # (JSONL: estimated until the end)
-        batches = [window[k:k + args.batch_size] for k in range(0, len(window), args.batch_size)]
-        for batch in preempt.in_lockstep(batches, cli.device()):
-            stop.exit_if_agreed(cli.device(), "realign_distributed", f"finished rows are in {shards.parent}")
-            if batch:
-                for i, out in realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis_template,
-                                            pad, args):
-                    if writer:
-                        writer.write({"index": i, "row": out})
-                bar.update(len(batch) * dp)
-    bar.close()
-    if writer:
-        writer.close()
-    dist.barrier()
-    # Rank 0 merges alone, however long that takes: the others are done and exit, rather than wait
-    # in a barrier that gives up after --distributed-timeout-minutes.
+    def process(batch):
+        return realign_batch(model, tokenizer, batch, params, hint, hint_template, analysis_template, pad, args)
+
+    job.run(stop, args.window, prepare, batches_of(args.batch_size), process)
     if dist.get_rank() == 0:
-        with merge_shards(shards, stream.rows, final, "row"):
+        with job.merged(final):
             write_jsonl_atomic(out_dir / "realigned.filtered.jsonl", (r for r in read_jsonl(final) if keep(r, args)))
             summary = summarize(read_jsonl(final), args)
             write_json_atomic(out_dir / "summary.json", summary)

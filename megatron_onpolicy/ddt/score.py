@@ -57,10 +57,11 @@ def row_keys(dump_tokens=False) -> tuple:
     return keys + (("prompt_ids", "response_ids", "phi", "logp", "entropy") if dump_tokens else ())
 
 
-def length_sorted_batches(samples, batch_size):
-    """Micro-batches of similar lengths (less padding); results are per row, so order is free."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    return [[samples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+def length_sorted_batches(items, batch_size, sample=lambda item: item):
+    """Micro-batches of similar lengths (less padding); results are per row, so order is free.
+    items: samples, or anything `sample` takes to its sample."""
+    order = sorted(items, key=lambda item: len(sample(item).input_ids))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 class Summary:
