@@ -36,8 +36,6 @@ def model_samples():
     own generate: an independent source of on-policy text. Four answers a question, all questions
     in one left-padded batch. Only answers that ended with EOS and survive a decode/encode round
     trip are kept, so the scored tokens are exactly the sampled ones."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = resolve_model_path("smollm2-135m")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()

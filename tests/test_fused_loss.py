@@ -112,12 +112,12 @@ def check_tied_embedding(vocab, padded, group):
     hidden, weight, targets, mask = make_case(vocab, padded, seed=1)
     ids = targets.clamp(min=0)
     grads = []
-    for fused in (False, True):
+    for use_fused in (False, True):
         emb = VocabParallelEmbedding(vocab, DIM, group)
         with torch.no_grad():
             emb.weight.copy_(weight.chunk(tp)[tp_info(group)[1]])
         x = copy_to_tp(torch.tanh(emb(ids) + hidden), group)
-        if fused:
+        if use_fused:
             loss = fused_ddt_loss(x, emb.weight, targets, mask, "idft", 10.0, group, vocab, chunk_size=5)[0]
         else:
             loss = ddt_loss(F.linear(x, emb.weight), targets, mask, "idft", 10.0, group, vocab)[0]
