@@ -304,11 +304,16 @@ def open_shards(out: Path, dp_rank: int, dp_size: int, writes: bool, device, set
         if changed:
             error = (f"{out}: its rows so far were made with other settings ({'; '.join(changed)}): "
                      f"rerun with those, or write elsewhere")
+    done = set()
+    if error is None:
+        try:  # (a line that is no row, in a file only some ranks read: those ranks alone find it)
+            done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
+        except DataError as e:
+            error = str(e)
     from .cli import first_error  # (here: cli imports the data package, which imports this module)
     error = first_error(error)
     if error:
-        raise DataError(error, every_rank=True)  # one line, not one a rank
-    done = {i for i in written_indices(share_files(out, dp_rank, dp_size)) if i % dp_size == dp_rank}
+        raise DataError(error, every_rank=True)  # one line, not one a rank, and no rank left waiting
     total = torch.tensor([len(done) if writes else 0], dtype=torch.long, device=device)
     dist.all_reduce(total)  # one writer per group: the groups' shares are disjoint
     writer = ShardWriter(shard_path(out, dp_rank, dp_size), (path, settings)) if writes else None

@@ -97,6 +97,27 @@ def test_a_restart_with_other_settings_is_an_error(tmp_path):
     assert done == set() and kept == {"model": "m", "temperature": 1.0}
 
 
+def _open_one_bad_share(rank, world, out):
+    try:
+        open_shards(out, rank, world, True, "cpu", {})
+    except DataError as e:
+        return str(e), e.every_rank
+    return None
+
+
+def test_a_line_that_is_no_row_in_one_ranks_share_stops_every_rank(tmp_path):
+    """A restart on the layout that wrote the shards: each rank reads only its own file, so only
+    rank 1 finds the damaged line. Every rank raises it alike (before: rank 1 alone, while rank 0
+    waited for it in the count of rows done)."""
+    out = tmp_path / "out.jsonl"
+    write_part(out, 0, 2, [(0, payload(0)), (2, payload(2))])
+    write_part(out, 1, 2, [(1, payload(1))])
+    with open(shard_path(out, 1, 2), "a") as f:
+        f.write("oops\n")
+    message, every_rank = run_distributed(_open_one_bad_share, 2, out)
+    assert message.startswith(f"{shard_path(out, 1, 2)}:2: not a row") and every_rank
+
+
 def test_rows_and_small_files_are_on_disk_whole_once_written(tmp_path):
     """write_text_atomic puts a new file in place (a reader of the old one, as `latest` or a
     checkpoint's marker, still reads it whole), not the old one truncated and rewritten; a write
