@@ -500,6 +500,29 @@ def test_slurm_environment():
     assert state._mpi_launched({**env, "OMPI_COMM_WORLD_RANK": "3"})
 
 
+def test_a_rank_without_local_rank_takes_its_launchers():
+    """RANK exported by a script but not LOCAL_RANK: the local rank is the launcher's, never a
+    silent 0 on every rank of a node."""
+    ranks = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
+    assert state.local_rank_of({**ranks, "SLURM_LOCALID": "1", "SLURM_PROCID": "5"}) == "1"
+    assert state.local_rank_of({**ranks, "OMPI_COMM_WORLD_LOCAL_RANK": "2"}) == "2"
+    assert state.local_rank_of({**ranks, "MPI_LOCALRANKID": "3"}) == "3"
+    assert state.local_rank_of({"RANK": "0", "WORLD_SIZE": "1"}) == "0"
+    with pytest.raises(state.ParallelLayoutError, match="RANK is set but LOCAL_RANK is not"):
+        state.local_rank_of(ranks)
+    # and init_distributed takes it (before: LOCAL_RANK stayed unset)
+    child = ("import os\n"
+             "from megatron_onpolicy.parallel import state\n"
+             "state.init_distributed(0.2)\n"
+             "print(os.environ.get('LOCAL_RANK'))\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
+    env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), SLURM_LOCALID="3")
+    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip().splitlines()[-1:] == ["3"], result.stderr[-3000:]
+
+
 def test_a_plain_process_in_a_batch_script_is_a_job_of_one(tmp_path):
     """The batch script's own environment has SLURM_PROCID 0 and SLURM_NTASKS N: a `python
     tool.py` there joined a world of N and waited for ranks that never came."""

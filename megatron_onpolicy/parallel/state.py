@@ -45,6 +45,8 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     elif "RANK" not in env:  # plain `python tool.py`, also inside a batch script
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
+    elif "LOCAL_RANK" not in env:  # a script that exported RANK itself (RANK=$SLURM_PROCID, say)
+        env["LOCAL_RANK"] = local_rank_of(env)
 
     _share_cpu_cores()
     cuda = torch.cuda.is_available()
@@ -59,6 +61,22 @@ def init_distributed(timeout_minutes: float = 10) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
     _unlink_shm_workspace()
+
+
+LOCAL_RANK_VARS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")  # srun, Open MPI, MPICH
+
+
+def local_rank_of(env) -> str:
+    """A rank's index on its node where RANK is set and LOCAL_RANK is not: from its launcher's
+    variables, or 0 in a world of one. Without it every rank of a node would take GPU 0 (NCCL:
+    "Duplicate GPU detected"), and DeepSpeed's engine stops for want of LOCAL_RANK."""
+    for key in LOCAL_RANK_VARS:
+        if key in env:
+            return env[key]
+    if env.get("WORLD_SIZE", "1") == "1":
+        return "0"
+    raise ParallelLayoutError("RANK is set but LOCAL_RANK is not, and no launcher variable gives it "
+                              f"({', '.join(LOCAL_RANK_VARS)}): export LOCAL_RANK, the rank's index on its node")
 
 
 def srun_task(env) -> bool:
