@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_timeout_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed-timeout-minutes", type=float, default=10,
-                   help="how long a rank waits in a collective for the others (default 10, as Megatron's)")
+                   help="how long a rank waits in a collective for the others (default 10, as Megatron's); "
+                        "more than the longest wait: saving a checkpoint, writing the HF export, a batch of rows")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
