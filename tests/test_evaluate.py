@@ -269,6 +269,20 @@ def test_a_checkpoint_is_evaluated_from_its_own_export(tiny_model, tmp_path):  #
                         load_file(exported / "model.safetensors")["model.norm.weight"]))
     assert not weights[0][1].equal(weights[1][1])  # another checkpoint, exported anew
     assert weights[2][0] == weights[1][0]  # the same checkpoint: the export reused
+    # What the export held is freed when it returns, before the tool loads the model to evaluate
+    child = ("import sys, weakref\n"
+             "from megatron_onpolicy.train import export\n"
+             "make, made = export.make_engine, []\n"
+             "def spy(*args, **kwargs):\n"
+             "    engine = make(*args, **kwargs)\n"
+             "    made.append(weakref.ref(engine))\n"
+             "    return engine\n"
+             "export.make_engine = spy\n"
+             "export.export_checkpoint(sys.argv[1], 'iter_0000001', sys.argv[2])\n"
+             "print('engine kept' if made[0]() else 'engine freed')\n")
+    result = subprocess.run([sys.executable, "-c", child, str(run), str(tmp_path / "hf")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.stdout.strip().splitlines()[-1:] == ["engine freed"], result.stderr[-3000:]
 
 
 def test_a_restart_without_tag_continues_with_the_checkpoint_of_its_rows(tiny_model, tmp_path):  # noqa: F811

@@ -3,6 +3,7 @@ replica 0 merges its TP shards one parameter at a time (model/hf_io.gather_hf_te
 TP rank 0 writes them, in files of at most MAX_FILE_BYTES, from host memory; rank 0 adds the
 index, config and tokenizer. A rank holds one merged parameter on its device and, where it writes,
 one file's tensors on the host; nothing but tensor names and sizes travels between stages."""
+import gc
 import math
 import shutil
 from pathlib import Path
@@ -113,3 +114,7 @@ def export_checkpoint(load, tag, out, model=None, max_file_bytes: int = MAX_FILE
     if path is None:
         raise FileNotFoundError(f"{load}/{tag}: DeepSpeed could not load this checkpoint")
     export_hf(pipeline_module(engine), load_tokenizer(folder), out, max_file_bytes)
+    # DeepSpeed's engine sits in reference cycles: uncollected, its weights (device memory) would
+    # outlive this call beside the model a caller loads next (tools/evaluate.py --load).
+    del engine, pipe
+    gc.collect()
