@@ -1,9 +1,11 @@
 """What the command-line tools share: the model / layout / data arguments, start-up, and turning
 user errors into one clear line and a non-zero exit."""
 import argparse
+import math
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,30 @@ from .parallel.state import ParallelLayoutError
 USER_ERRORS = (DataError, ModelPathError, ModelConfigError, ParallelLayoutError, TemplateError, FileNotFoundError)
 
 
+def finite(text: str) -> float:
+    """A float flag's type: nan and inf are refused here, where range checks would let nan through
+    (every comparison with it is false). argparse (and --config) name the flag: 'invalid finite value'."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite float flag's type that must be > 0: 'invalid positive value'."""
+    value = finite(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def check_out(p: argparse.ArgumentParser, flag: str, path, folder: bool) -> None:
+    """An output path that is the other kind of thing (a file for a folder, or the reverse) is a
+    flag error at start, not a failed rename after all the work (or a file replaced by a folder)."""
+    if path is not None and Path(path).exists() and Path(path).is_dir() != folder:
+        p.error(f"{flag} {path} is a {'file' if folder else 'folder'}; it must be a {'folder' if folder else 'file'}")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="HF checkpoint folder, .gguf file, or the alias smollm2-135m (embedded)")
@@ -29,7 +55,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_timeout_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--distributed-timeout-minutes", type=float, default=10,
+    p.add_argument("--distributed-timeout-minutes", type=positive, default=10,
                    help="how long a rank waits in a collective for the others (default 10, as Megatron's); "
                         "more than the longest wait: saving a checkpoint, writing the HF export, a batch of rows")
 

@@ -108,8 +108,8 @@ def check_writable(fields: dict, source: str) -> None:
     """The input fields an output row copies: checked before the row's work is done, so that a
     column JSON cannot hold (binary, say) stops the run at once and by name."""
     for key, value in fields.items():
-        try:
-            json_line(value)
+        try:  # (Python's json reads NaN and 1e400 -> inf, and would write them as no JSON parser reads them)
+            json.dumps(value, allow_nan=False, default=_as_json)
         except (TypeError, ValueError) as e:
             raise DataError(f"{source}: field '{key}': {e}; drop or convert that column") from None
 

@@ -452,6 +452,11 @@ def test_templates(tmp_path):
         load_template(bad, "hint")
     with pytest.raises(TemplateError, match="does not exist"):
         load_template(tmp_path / "missing.txt", "hint")
+    with pytest.raises(TemplateError, match="is a folder"):
+        load_template(tmp_path, "hint")
+    bad.write_bytes(b"Question: {question} {answer}\xff\n")
+    with pytest.raises(TemplateError, match=r"bad\.txt' is not UTF-8 \(invalid start byte at byte 29\)"):
+        load_template(bad, "hint")
     out = render("Q: {question}\nA: {answer}\nEnd with \\boxed{}.", "what is {answer}?", "42")
     assert out == "Q: what is {answer}?\nA: 42\nEnd with \\boxed{}."
 

@@ -212,6 +212,26 @@ def test_configs_it_would_compute_differently_are_refused(change, error):
         ArchConfig.from_hf(config)
 
 
+def test_a_model_folder_transformers_cannot_read_is_named(hf_models, tmp_path):
+    """A config.json that is no JSON, or a folder without tokenizer files: one ModelPathError that
+    names the folder (both were tracebacks from transformers)."""
+    from megatron_onpolicy.model.hub import ModelPathError
+    from megatron_onpolicy.model.loader import load_arch, load_tokenizer
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ModelPathError, match=rf"^{broken}/config.json: transformers cannot read it \(.+\)$"):
+        load_arch(str(broken))
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(hf_models["llama-tied"][0], untokenized)
+    for f in untokenized.glob("*token*"):
+        f.unlink()
+    load_arch(str(untokenized))  # the model itself is fine
+    with pytest.raises(ModelPathError, match=rf"^model folder '{untokenized}': transformers cannot load its tokenizer"):
+        load_tokenizer(untokenized)
+
+
 def test_cache_dir_ignores_an_empty_setting(monkeypatch, tmp_path):
     from megatron_onpolicy.model.hub import cache_dir
 

@@ -214,6 +214,11 @@ def test_rows_the_tools_would_mangle_are_errors(capsys):
                        ({"prompt": "1 + 1?", "response": "2"}, "x:1: field 'answer' missing (--require-answer-match")):
         with pytest.raises(DataError, match=error.replace("(", r"\(")):
             realign.check_row(Row(bad, "x:1"), args)
+    for bad, error in (({**row, "answer": None}, "x:1: field 'answer' must be a string or a number, got None"),
+                       ({**row, "answer": ["2"]}, r"x:1: field 'answer' must be a string or a number, got \['2'\]"),
+                       ({**row, "x": float("nan")}, "x:1: field 'x': Out of range float values are not JSON")):
+        with pytest.raises(DataError, match=error):  # (as evaluate's; NaN: what Python's json reads)
+            realign.check_row(Row(bad, "x:1"), realign.parse_args(["--data", "x", "--out-dir", "x"]))
     assert not realign.keep({"realigned": " ", "end_reason": "eos", "avg_phi_realigned": None}, args)
     args = evaluate.parse_args(["--data", "x", "--out", "x"])
     assert evaluate.question_and_answer(Row(row, "x:1"), args) == ("1 + 1?", "2")
@@ -224,6 +229,14 @@ def test_rows_the_tools_would_mangle_are_errors(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--data", "x", "--out", "x", "--samples", "4"])
     assert "--samples 4 needs --temperature > 0" in capsys.readouterr().err
+    for tool, argv, error in (
+            (evaluate, ["--out", str(ROOT)], f"--out {ROOT} is a folder; it must be a file"),
+            (evaluate, ["--out", "x", "--temperature", "nan"], "argument --temperature: invalid finite value: 'nan'"),
+            (realign, ["--out-dir", __file__], f"--out-dir {__file__} is a file; it must be a folder"),
+            (realign, ["--out-dir", "x", "--beta", "inf"], "argument --beta: invalid finite value: 'inf'")):
+        with pytest.raises(SystemExit):  # an output of the wrong kind, a setting that is no number
+            tool.parse_args(["--data", "x", *argv])
+        assert capsys.readouterr().err.strip().endswith(error)
 
 
 @pytest.mark.parametrize("flags, kept", [

@@ -42,7 +42,8 @@ def test_a_config_file_reads_as_the_same_flags_on_the_command_line(tmp_path):
     ("lr-decay-style: Linear", "'lr-decay-style': 'Linear' is not one of cosine, linear, constant"),
     ("recompute-granularity: Full", "'recompute-granularity': 'Full' is not one of full, selective"),
     ("loss: CE", "'loss': 'CE' is not one of ce, dft, idft, eaft"),
-    ("lr: fast", "'lr': invalid float value 'fast'"),
+    ("lr: fast", "'lr': invalid finite value 'fast'"),
+    ("lr: .nan", "'lr': invalid finite value nan"),
     ("seq-length: 2.5", "'seq-length': invalid int value 2.5"),
     ("pack: 1", "'pack' must be true or false, got 1"),
     ("lr: [1, 2]", "'lr' must be one value, got [1, 2]"),
@@ -100,11 +101,30 @@ def test_deepspeed_configs_it_cannot_run_are_errors(tmp_path, config, dp, pp, er
     (["--train-iters", "0"], "--train-iters must be >= 1, got 0"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--train-iters", "1", "--eval-interval", "5"], "--eval-interval needs --valid-data"),
+    # (a comparison with nan is false, so range checks alone let it through)
+    (["--train-iters", "1", "--lr", "nan"], "argument --lr: invalid finite value: 'nan'"),
+    (["--train-iters", "1", "--lr=-1e-5"], "--lr must be >= 0, got -1e-05"),
+    (["--train-iters", "1", "--clip-grad=-1"], "--clip-grad must be >= 0, got -1.0"),
+    (["--train-iters", "1", "--adam-beta1", "1.5"], "--adam-beta1 must be in [0, 1), got 1.5"),
+    (["--train-iters", "1", "--idft-warmup-ratio", "2"], "--idft-warmup-ratio must be in [0, 1], got 2.0"),
+    (["--train-iters", "1", "--distributed-timeout-minutes", "0"],
+     "argument --distributed-timeout-minutes: invalid positive value: '0'"),
+    (["--train-iters", "1", "--train-data", "inf", "a.jsonl", "1", "b.jsonl"],
+     "--train-data: weight inf of a.jsonl must be a finite number > 0"),
+    (["--train-iters", "1", "--export-hf", __file__], f"--export-hf {__file__} is a file; it must be a folder"),
 ])
 def test_flags_it_cannot_run_are_errors(argv, error, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "a.jsonl", "--deepspeed_config", "x.json", *argv])
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"pretrain_idft: error: {error}"
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"lr: 1e-5\n\xff\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config), *REQUIRED])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"pretrain_idft: error: --config {config}: ")
 
 
 def test_the_built_deepspeed_config(tmp_path):

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     add_stream_args(p)
     args = p.parse_args(argv)
     cli.check_fused_loss_args(p, args)
+    cli.check_out(p, "--out", args.out, folder=False)
     if args.micro_batch_size < 1:
         p.error(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
     return args

@@ -38,7 +38,7 @@ from megatron_onpolicy.data.stream import add_stream_args  # noqa: E402
 from megatron_onpolicy.data.tokenization import on_row  # noqa: E402
 from megatron_onpolicy.ddt.score import Summary, length_sorted_batches, score_batch  # noqa: E402
 from megatron_onpolicy.generate import SamplingParams, generate, stop_token_ids  # noqa: E402
-from megatron_onpolicy.generate.answers import final_answer, normalize  # noqa: E402
+from megatron_onpolicy.generate.answers import final_answer, normalize, reference_answer  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.generate.templates import plain_prompt_ids  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-key", default="prompt")
     p.add_argument("--answer-key", default="answer", help="'' = no grading: only completions and DDT")
     p.add_argument("--samples", type=int, default=1, help="completions per row (k)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=cli.finite, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=cli.finite, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (each k completions)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     add_stream_args(p)
     args = p.parse_args(argv)
     cli.check_decoding_args(p, args)
+    cli.check_out(p, "--out", args.out, folder=False)
     if args.load and args.model != p.get_default("model"):
         p.error("give --model or --load, not both")
     if args.tag and not args.load:
@@ -118,9 +119,7 @@ def question_and_answer(row, args):
             raise DataError(f"{row.source}: field '{key}' missing")
     if not isinstance(row.data[args.prompt_key], str):
         raise DataError(f"{row.source}: field '{args.prompt_key}' must be a string")
-    answer = row.data[args.answer_key] if args.answer_key else None
-    if args.answer_key and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
-        raise DataError(f"{row.source}: field '{args.answer_key}' must be a string or a number, got {answer!r}")
+    answer = reference_answer(row, args.answer_key) if args.answer_key else None
     check_no_clash(row, OUTPUT_KEYS)
     return row.data[args.prompt_key], answer
 

@@ -30,7 +30,9 @@ def parse_args(argv=None):
                    help="the largest safetensors file, as transformers' save_pretrained takes it (default 4GB)")
     cli.add_timeout_arg(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_out(p, "--out", args.out, folder=True)
+    return args
 
 
 if __name__ == "__main__":

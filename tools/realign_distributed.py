@@ -27,7 +27,7 @@ from megatron_onpolicy.data.stream import add_stream_args  # noqa: E402
 from megatron_onpolicy.ddt.score import score_batch  # noqa: E402
 from megatron_onpolicy.generate import (HintConfig, SamplingParams, hinted_decode, load_template,  # noqa: E402
                                         stop_token_ids)
-from megatron_onpolicy.generate.answers import answers_match  # noqa: E402
+from megatron_onpolicy.generate.answers import answers_match, reference_answer  # noqa: E402
 from megatron_onpolicy.generate.sampling import batch_generator  # noqa: E402
 from megatron_onpolicy.model.loader import load_arch, load_model, load_tokenizer  # noqa: E402
 from megatron_onpolicy.outputs import (check_no_clash, check_writable, read_jsonl, write_json_atomic,  # noqa: E402
@@ -42,19 +42,20 @@ def parse_args(argv=None):
     cli.add_data_args(p)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--answer-key", default="answer", help="field with the final answer, for answer_match")
-    p.add_argument("--beta", type=float, default=3.0)
+    p.add_argument("--beta", type=cli.finite, default=3.0)
     p.add_argument("--lambda-mode", choices=["linear", "sigmoid", "piecewise"], default="linear")
-    p.add_argument("--sigmoid-center", type=float, default=0.5)
-    p.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"))
+    p.add_argument("--sigmoid-center", type=cli.finite, default=0.5)
+    p.add_argument("--piecewise-bounds", type=cli.finite, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"))
     p.add_argument("--splitter", default="\\boxed{", help="after this text the plain stream alone decides ('' = never)")
-    p.add_argument("--temperature", type=float, default=0.3, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=cli.finite, default=0.3, help="0 = greedy")
+    p.add_argument("--top-p", type=cli.finite, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch (each is two rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hint-template", help="file with {question} and {answer}; replaces the default hint prompt")
     p.add_argument("--analysis-template", help="file with {question} and {answer}; turns the analysis stage on")
-    p.add_argument("--min-avg-phi", type=float, help="realigned.filtered.jsonl: only rows at or above this avg phi")
+    p.add_argument("--min-avg-phi", type=cli.finite,
+                   help="realigned.filtered.jsonl: only rows at or above this avg phi")
     p.add_argument("--require-answer-match", action="store_true",
                    help="realigned.filtered.jsonl: only rows whose realigned answer matches")
     p.add_argument("--keep-unfinished", action="store_true",
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     add_stream_args(p)
     args = p.parse_args(argv)
     cli.check_decoding_args(p, args)
+    cli.check_out(p, "--out-dir", args.out_dir, folder=True)
     if not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         p.error("--piecewise-bounds H1 H2 needs H1 < H2")
     return args
@@ -81,6 +83,8 @@ def check_row(row, args) -> None:
     if args.require_answer_match and args.answer_key not in row.data:
         raise DataError(f"{row.source}: field '{args.answer_key}' missing (--require-answer-match compares "
                         "the realigned answer with it)")
+    if args.answer_key in row.data:
+        reference_answer(row, args.answer_key)
     check_no_clash(row, OUTPUT_KEYS)
     check_writable(row.data, row.source)  # the output row copies every field
 

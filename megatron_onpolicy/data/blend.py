@@ -23,8 +23,8 @@ def parse_blend(values: list[str], flag: str) -> list[tuple[float, str]]:
             weight = float(w)
         except ValueError:
             raise DataError(f"{flag}: weight '{w}' (before {path}) is not a number") from None
-        if not weight > 0:
-            raise DataError(f"{flag}: weight {w} of {path} must be > 0")
+        if not 0 < weight < float("inf"):
+            raise DataError(f"{flag}: weight {w} of {path} must be a finite number > 0")
         parts.append((weight, path))
     total = sum(w for w, _ in parts)
     return [(w / total, path) for w, path in parts]

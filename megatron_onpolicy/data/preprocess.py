@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..model.hub import load_tokenizer
 from ..outputs import fsync_file, write_json_atomic
 from .batches import fit_length
 from .indexed import HEADER, MAGIC, VERSION, encode_records, paths, token_dtype
@@ -78,7 +79,7 @@ def preprocess(source, prefix, tokenizer_path, settings: Settings, workers: int 
     if settings.pack and not settings.seq_length:
         raise DataError("--pack needs --seq-length (the packs' length)")
     source = Path(source)
-    tokenizer = _load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(len(tokenizer))
     bin_path, idx_path, json_path = paths(prefix)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,13 +237,8 @@ def _map(chunks, args, workers: int, source: Path):
 _WORKER = {}
 
 
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _init(tokenizer_path: str, settings: Settings, dtype: str) -> None:
-    _WORKER.update(tokenizer=_load_tokenizer(tokenizer_path), settings=settings, dtype=np.dtype(dtype))
+    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), settings=settings, dtype=np.dtype(dtype))
 
 
 def _tokenize_chunk(task) -> dict:

@@ -7,6 +7,8 @@ so 1,250 == 1250.0 and \\frac{1}{2} == \\frac12 == 0.5 == .5 == 1/2."""
 import re
 from fractions import Fraction
 
+from ..data.rows import DataError
+
 _NUM = r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = re.compile(rf"{_NUM}(?:/\d+(?!\.\d))?")
 # \frac{a}{b}, and LaTeX's one-digit shorthand \frac12
@@ -72,6 +74,15 @@ def normalize(answer) -> str:
         if value is not None:
             return str(value)
     return re.sub(r"\s", "", s)
+
+
+def reference_answer(row, key: str):
+    """A row's reference answer: a string or a number. Anything else (null, a list, true) would be
+    graded as its Python text ('None'), so it is a DataError naming the row and field."""
+    answer = row.data[key]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{row.source}: field '{key}' must be a string or a number, got {answer!r}")
+    return answer
 
 
 def answers_match(text: str, reference) -> bool:

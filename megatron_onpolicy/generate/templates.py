@@ -20,8 +20,11 @@ def load_template(path=None, default_name: str = "hint") -> str:
     """The template at `path`, or the packaged `templates/<default_name>.txt` when path is None."""
     path = Path(path) if path is not None else TEMPLATE_DIR / f"{default_name}.txt"
     if not path.is_file():
-        raise TemplateError(f"template file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise TemplateError(f"template file '{path}' " + ("is a folder" if path.is_dir() else "does not exist"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"template file '{path}' is not UTF-8 ({e.reason} at byte {e.start})") from None
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
         raise TemplateError(f"template '{path}' lacks the placeholder(s) {', '.join(missing)}; "

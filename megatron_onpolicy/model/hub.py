@@ -17,6 +17,21 @@ class ModelPathError(ValueError):
     pass
 
 
+def load_tokenizer(folder):
+    """transformers' tokenizer of an HF folder. One it cannot build (no tokenizer files, a config.json
+    that is no JSON) is a ModelPathError naming the folder, not a traceback."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ModelPathError(f"model folder '{folder}': transformers cannot load its tokenizer "
+                             f"({one_line(e)})") from None
+
+
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def cache_dir() -> Path:
     """$MEGATRON_ONPOLICY_CACHE, or ~/.cache/megatron_onpolicy where it is unset or empty (an empty
     value once put a converted 540 MB model into the working directory)."""

@@ -1,23 +1,24 @@
 """Build the TP model for a named checkpoint and fill it with this rank's slices."""
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from ..parallel.layers import tp_size_rank
 from ..parallel.state import check_layout
 from .config import ArchConfig
 from .hf_io import load_hf_weights
-from .hub import resolve_model_path
+from .hub import ModelPathError, one_line, resolve_model_path
+from .hub import load_tokenizer  # noqa: F401 (the tools and the trainer take it from here)
 from .llama import TransformerLM
 
 
 def load_arch(name: str):
     """(HF folder, ArchConfig) for a model name; cheap, so layouts can be checked before work."""
     folder = resolve_model_path(name)
-    return folder, ArchConfig.from_hf(AutoConfig.from_pretrained(folder))
-
-
-def load_tokenizer(folder):
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        hf = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # a config.json that is no JSON, or of a model_type transformers lacks
+        raise ModelPathError(f"{folder}/config.json: transformers cannot read it ({one_line(e)})") from None
+    return folder, ArchConfig.from_hf(hf)
 
 
 def load_model(name: str, tp_group=None, dtype=torch.float32, device="cpu"):

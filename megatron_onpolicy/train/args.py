@@ -51,27 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM / SIGUSR1: save at the end of the iteration and exit with status 75 (requeue)")
-    g.add_argument("--exit-duration-in-mins", type=float,
+    g.add_argument("--exit-duration-in-mins", type=cli.positive,
                    help="save and exit with status 75 (requeue) once this much time has passed since start-up")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr", type=cli.finite, default=1e-5)
+    g.add_argument("--min-lr", type=cli.finite, default=0.0)
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="linear")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, help="default: all iterations")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, help="default: the DeepSpeed config's gradient_clipping, else 1.0")
+    g.add_argument("--weight-decay", type=cli.finite, default=0.0)
+    g.add_argument("--adam-beta1", type=cli.finite, default=0.9)
+    g.add_argument("--adam-beta2", type=cli.finite, default=0.999)
+    g.add_argument("--adam-eps", type=cli.finite, default=1e-8)
+    g.add_argument("--clip-grad", type=cli.finite, help="default: the DeepSpeed config's gradient_clipping, else 1.0")
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSS_KINDS, default="idft")
     d = IDFTConfig()
-    g.add_argument("--idft-beta", type=float, default=d.beta)
-    g.add_argument("--idft-gamma-min", type=float, default=d.gamma_min)
-    g.add_argument("--idft-gamma-max", type=float, default=d.gamma_max)
-    g.add_argument("--idft-warmup-ratio", type=float, default=d.warmup_ratio)
-    g.add_argument("--idft-transition-ratio", type=float, default=d.transition_ratio)
+    g.add_argument("--idft-beta", type=cli.finite, default=d.beta)
+    g.add_argument("--idft-gamma-min", type=cli.finite, default=d.gamma_min)
+    g.add_argument("--idft-gamma-max", type=cli.finite, default=d.gamma_max)
+    g.add_argument("--idft-warmup-ratio", type=cli.finite, default=d.warmup_ratio)
+    g.add_argument("--idft-transition-ratio", type=cli.finite, default=d.transition_ratio)
     cli.add_fused_loss_args(g, "build the head's logits and run the loss on them (default: the fused chunked "
                                "head + loss)", "loss")
 
@@ -126,6 +126,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, dest)
         if value is not None and value < 1:
             p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    for dest in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
+            p.error(f"--{dest.replace('_', '-')} must be >= 0, got {getattr(args, dest)}")
+    for dest in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, dest) < 1:
+            p.error(f"--{dest.replace('_', '-')} must be in [0, 1), got {getattr(args, dest)}")
+    for dest in ("idft_warmup_ratio", "idft_transition_ratio"):  # fractions of the run
+        if not 0 <= getattr(args, dest) <= 1:
+            p.error(f"--{dest.replace('_', '-')} must be in [0, 1], got {getattr(args, dest)}")
     if args.idft_beta <= 0:
         p.error(f"--idft-beta must be > 0, got {args.idft_beta}")
     if args.idft_gamma_min > args.idft_gamma_max:
@@ -135,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} needs --save")
     if args.eval_interval and not args.valid_data:
         p.error("--eval-interval needs --valid-data")
+    for flag in ("save", "export_hf", "tensorboard_dir"):
+        cli.check_out(p, f"--{flag.replace('_', '-')}", getattr(args, flag), folder=True)
     cli.check_fused_loss_args(p, args)
     check_recompute_args(p, args)
     return args
@@ -143,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _yaml_defaults(p: argparse.ArgumentParser, path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         p.error(f"--config {path}: {' '.join(str(e).split())}")
     if not isinstance(data, dict):
         p.error(f"--config {path}: expected a mapping of flag names to values")
