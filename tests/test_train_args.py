@@ -105,6 +105,7 @@ def test_deepspeed_configs_it_cannot_run_are_errors(tmp_path, config, dp, pp, er
     (["--train-iters", "1", "--lr", "nan"], "argument --lr: invalid finite value: 'nan'"),
     (["--train-iters", "1", "--lr=-1e-5"], "--lr must be >= 0, got -1e-05"),
     (["--train-iters", "1", "--clip-grad=-1"], "--clip-grad must be >= 0, got -1.0"),
+    (["--train-iters", "1", "--exit-duration-in-mins=-1"], "--exit-duration-in-mins must be >= 0, got -1.0"),
     (["--train-iters", "1", "--adam-beta1", "1.5"], "--adam-beta1 must be in [0, 1), got 1.5"),
     (["--train-iters", "1", "--idft-warmup-ratio", "2"], "--idft-warmup-ratio must be in [0, 1], got 2.0"),
     (["--train-iters", "1", "--distributed-timeout-minutes", "0"],

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM / SIGUSR1: save at the end of the iteration and exit with status 75 (requeue)")
-    g.add_argument("--exit-duration-in-mins", type=cli.positive,
+    g.add_argument("--exit-duration-in-mins", type=cli.finite,
                    help="save and exit with status 75 (requeue) once this much time has passed since start-up")
     g.add_argument("--lr", type=cli.finite, default=1e-5)
     g.add_argument("--min-lr", type=cli.finite, default=0.0)
@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, dest)
         if value is not None and value < 1:
             p.error(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
-    for dest in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+    for dest in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad", "exit_duration_in_mins"):
         if getattr(args, dest) is not None and getattr(args, dest) < 0:
             p.error(f"--{dest.replace('_', '-')} must be >= 0, got {getattr(args, dest)}")
     for dest in ("adam_beta1", "adam_beta2"):
