@@ -174,7 +174,7 @@ def _parquet_file(path: Path):
 
 
 def parquet_error(path, e: Exception) -> DataError:
-    return DataError(f"{path}: cannot read Parquet ({_one_line(e)})")
+    return DataError(f"{path}: cannot read Parquet ({one_line(e)})")
 
 
 def open_datasets_folder(path: Path):
@@ -183,7 +183,7 @@ def open_datasets_folder(path: Path):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError for a folder that is no dataset, others for damage
-        raise DataError(f"{path}: cannot load a datasets folder ({_one_line(e)})") from None
+        raise DataError(f"{path}: cannot load a datasets folder ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             ds = ds["train"]
@@ -194,5 +194,6 @@ def open_datasets_folder(path: Path):
     return ds
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """An exception's message on one line, for an error line that names it."""
     return " ".join(str(e).split())

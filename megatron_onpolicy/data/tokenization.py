@@ -7,7 +7,7 @@ turns only, found as the difference between the template before and after each a
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .rows import DataError
+from .rows import DataError, one_line
 
 
 @dataclass
@@ -52,7 +52,7 @@ def on_row(source: str, field: str, fn, *args):
         return fn(*args)
     except Exception as e:  # tokenizers, jinja2 and transformers raise several types here
         raise DataError(f"{source}: field '{field}': the tokenizer or chat template failed "
-                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+                        f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def _text(row: dict, key: str, source: str, prefix: str = "") -> str:

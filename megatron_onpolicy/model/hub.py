@@ -21,15 +21,13 @@ def load_tokenizer(folder):
     """transformers' tokenizer of an HF folder. One it cannot build (no tokenizer files, a config.json
     that is no JSON) is a ModelPathError naming the folder, not a traceback."""
     from transformers import AutoTokenizer
+
+    from ..data.rows import one_line  # (here: the data package imports this module)
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ModelPathError(f"model folder '{folder}': transformers cannot load its tokenizer "
                              f"({one_line(e)})") from None
-
-
-def one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
 
 
 def cache_dir() -> Path:

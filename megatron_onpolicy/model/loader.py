@@ -2,11 +2,12 @@
 import torch
 from transformers import AutoConfig
 
+from ..data.rows import one_line
 from ..parallel.layers import tp_size_rank
 from ..parallel.state import check_layout
 from .config import ArchConfig
 from .hf_io import load_hf_weights
-from .hub import ModelPathError, one_line, resolve_model_path
+from .hub import ModelPathError, resolve_model_path
 from .hub import load_tokenizer  # noqa: F401 (the tools and the trainer take it from here)
 from .llama import TransformerLM
 

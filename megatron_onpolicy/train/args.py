@@ -7,6 +7,7 @@ import yaml
 
 from .. import cli
 from ..data import DataError
+from ..data.rows import one_line
 from ..data.blend import parse_blend
 from ..ddt import LOSS_KINDS, IDFTConfig
 from ..model.attention import BACKENDS
@@ -155,7 +156,7 @@ def _yaml_defaults(p: argparse.ArgumentParser, path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        p.error(f"--config {path}: {' '.join(str(e).split())}")
+        p.error(f"--config {path}: {one_line(e)}")
     if not isinstance(data, dict):
         p.error(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in p._actions}

@@ -4,6 +4,7 @@ sources that silently disagree are how runs train something other than what was 
 import json
 from pathlib import Path
 
+from ..data.rows import one_line
 from .args import TrainConfigError
 
 
@@ -12,7 +13,7 @@ def build_ds_config(args, dp: int, pp: int) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TrainConfigError(f"--deepspeed_config {path}: {' '.join(str(e).split())}") from None
+        raise TrainConfigError(f"--deepspeed_config {path}: {one_line(e)}") from None
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise TrainConfigError(f"{path}: remove the '{section}' section; the optimizer and its "
